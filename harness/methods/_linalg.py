@@ -1,0 +1,90 @@
+"""Shared linear algebra of the methods: whitened truncated SVD and rank allocation."""
+from __future__ import annotations
+
+import heapq
+import math
+
+import torch
+
+from harness.errors import HarnessError
+
+
+def whitened_factor(W: torch.Tensor, r: int, S: torch.Tensor | None = None, S_inv: torch.Tensor | None = None):
+    """Best rank-r factorization of W (out, D) in the metric ||S (W^T - What^T)||_F.
+
+    With S^T S = C (the input covariance) this minimises the output error on the calibration
+    activations; S = None is the plain weight SVD.
+    Returns:
+        down (r, D), up (out, r), sigma (all singular values of S W^T), all float64.
+    """
+    W = W.double()
+    M = W.T if S is None else S @ W.T  # (D, out)
+    U, sig, Vh = torch.linalg.svd(M, full_matrices=False)
+    Ur = U[:, :r] * sig[:r]  # (D, r)
+    down = (Ur if S_inv is None else S_inv @ Ur).T  # (r, D)
+    up = Vh[:r].T  # (out, r)
+    return down, up, sig
+
+
+def spectrum(W: torch.Tensor, S: torch.Tensor | None = None) -> torch.Tensor:
+    W = W.double()
+    return torch.linalg.svdvals(W.T if S is None else S @ W.T)
+
+
+def cov_power(C: torch.Tensor, p: float, damping: float):
+    """S = (C + a*mean(diag C)*I)^p and its inverse, by symmetric eigendecomposition (float64)."""
+    C = C.double()
+    if not torch.isfinite(C).all():
+        raise HarnessError("calibration statistics contain NaN/inf; delete the statistics cache "
+                           "($MLA_HARNESS_CACHE/stats) and recompute, or use float32 on this device")
+    D = C.shape[0]
+    Cd = C + damping * C.diagonal().mean() * torch.eye(D, dtype=C.dtype, device=C.device)
+    lam, Q = torch.linalg.eigh(Cd)
+    lam = lam.clamp_min(1e-8)
+    S = (Q * lam.pow(p)) @ Q.T
+    S_inv = (Q * lam.pow(-p)) @ Q.T
+    return S, S_inv
+
+
+def waterfill(spectra: list[torch.Tensor], total: int, r_min: int, r_max: list[int] | int) -> list[int]:
+    """Give ranks one at a time to the layer whose next singular value removes the largest
+    fraction of its remaining energy: s_l(r) = sigma_{r+1}^2 / sum_{m>r} sigma_m^2 (CARE §3.3).
+
+    Greedy on that score maximises the total drop of sum_l log(residual_l), i.e. it spends ranks
+    where they cut a layer's relative error most. Exactly `total` ranks are spent.
+    """
+    L = len(spectra)
+    r_max = [r_max] * L if isinstance(r_max, int) else list(r_max)
+    if total < L * r_min or total > sum(r_max):
+        raise HarnessError(f"rank budget {total} cannot be spread over {L} layers within [{r_min}, {max(r_max)}]")
+    ranks = [r_min] * L
+    tails = []
+    for s in spectra:
+        e = s.double() ** 2
+        tails.append(torch.flip(torch.cumsum(torch.flip(e, [0]), 0), [0]))  # tails[r] = sum_{m>=r} e_m
+
+    def score(l: int) -> float:
+        r = ranks[l]
+        if r >= r_max[l]:
+            return -math.inf
+        if r >= len(spectra[l]):
+            return 0.0
+        t = float(tails[l][r])
+        return float(spectra[l][r] ** 2) / t if t > 0 else 0.0
+
+    heap = [(-score(l), l) for l in range(L)]
+    heapq.heapify(heap)
+    for _ in range(total - L * r_min):
+        _, l = heapq.heappop(heap)
+        ranks[l] += 1
+        heapq.heappush(heap, (-score(l), l))
+    return ranks
+
+
+def log_residual(spectra: list[torch.Tensor], ranks: list[int]) -> float:
+    """sum_l log(sum_{m>r_l} sigma_m^2 / sum_m sigma_m^2): what water-filling minimises."""
+    out = 0.0
+    for s, r in zip(spectra, ranks):
+        e = s.double() ** 2
+        out += math.log(max(float(e[r:].sum()), 1e-300) / float(e.sum()))
+    return out

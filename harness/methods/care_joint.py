@@ -1,0 +1,42 @@
+"""`care_joint`: one shared latent for K and V, factored in the sqrt-C metric (DESIGN §3.4).
+
+SVD of S [W_k; W_v]^T at rank w (the whole per-layer cache width): K and V share the latent, so
+at equal width each sees twice the rank of the split variant.
+"""
+from __future__ import annotations
+
+import torch
+
+from harness.methods import register
+from harness.methods._linalg import cov_power, spectrum, whitened_factor
+from harness.methods.care import allocate
+from harness.mla.accounting import per_layer_width
+from harness.mla.factors import LayerFactors, all_rope_dims
+
+
+@register("care_joint")
+def care_joint(layers, stats, budget, *, allocation: str = "uniform", power: float = 0.5, damping: float = 0.01):
+    """Covariance-aware SVD of the stacked [W_k; W_v], one shared latent per layer."""
+    mats, whit, spectra = [], [], []
+    for a in layers:
+        W = torch.cat([a.module.k_proj.weight, a.module.v_proj.weight], 0)
+        S, S_inv = cov_power(stats.cov[a.index], power, damping)
+        mats.append(W)
+        whit.append((S, S_inv))
+        spectra.append(spectrum(W, S))
+    a0 = layers[0]
+    w = per_layer_width(budget, a0.n_kv, a0.d_h)
+    ranks = allocate(spectra, w, min(2 * a0.n_kv * a0.d_h, a0.hidden), allocation)
+    out = []
+    for a, W, (S, S_inv), r in zip(layers, mats, whit, ranks):
+        down, up, _ = whitened_factor(W, r, S, S_inv)
+        nk = a.n_kv * a.d_h
+        rope, lat = all_rope_dims(a.n_kv, a.d_h)
+        kb, vb = a.module.k_proj.bias, a.module.v_proj.bias
+        out.append(LayerFactors(
+            down=down, up_k=up[:nk], up_v=up[nk:], k_slice=(0, r), v_slice=(0, r),
+            rope_dims=rope, latent_dims=lat, rope_on_latent=True,
+            k_bias=None if kb is None else kb.detach().double(),
+            v_bias=None if vb is None else vb.detach().double(), info={"r_joint": r},
+        ))
+    return out

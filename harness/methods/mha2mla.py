@@ -1,0 +1,94 @@
+"""`mha2mla`: partial RoPE + low-rank NoPE keys and values (Ji et al. 2025; DESIGN §3.2).
+
+Per KV head keep RoPE on p frequency pairs (HF rotate_half layout: pair j = dims j, j + d_h/2),
+cached exactly; drop RoPE on the other pairs and compress those key dims together with V into a
+latent of width d_c (joint SVD of [W_k,nope; W_v]) or two latents of d_c/2 (split). Cache width
+per layer = n_kv*2p + d_c, so for a budget d_c = width - n_kv*2p.
+"""
+from __future__ import annotations
+
+import torch
+
+from harness.errors import HarnessError
+from harness.methods import register
+from harness.methods._linalg import whitened_factor
+from harness.mla.accounting import per_layer_width
+from harness.mla.factors import LayerFactors
+
+SELECTIONS = ("2norm", "high", "low", "uniform")
+
+
+def select_pairs(selection: str, p: int, half: int, n_kv: int, n_h: int, layer: int, stats=None) -> torch.Tensor:
+    """Indices (n_kv, p) of the RoPE pairs kept per KV head."""
+    if selection == "high":
+        idx = torch.arange(p)
+    elif selection == "low":
+        idx = torch.arange(half - p, half)
+    elif selection == "uniform":
+        idx = torch.arange(0, half, half // p)[:p]
+    elif selection == "2norm":
+        if stats is None or stats.q_pair_norm is None:
+            raise HarnessError("mha2mla selection '2norm' needs calibration statistics with RoPE pair norms")
+        q = stats.q_pair_norm[layer].double()  # (n_h, half)
+        k = stats.k_pair_norm[layer].double()  # (n_kv, half)
+        g = n_h // n_kv
+        score = (q.view(n_kv, g, half) * k[:, None, :]).sum(1)  # (n_kv, half)
+        return score.topk(p, dim=1).indices.sort(dim=1).values
+    else:
+        raise HarnessError(f"unknown mha2mla selection '{selection}'; use one of {', '.join(SELECTIONS)}")
+    return idx[None].expand(n_kv, -1).clone()
+
+
+@register("mha2mla")
+def mha2mla(layers, stats, budget, *, rope_pairs: int | None = None, selection: str = "2norm",
+            lowrank: str = "joint"):
+    """Partial RoPE (2-norm selection) + joint SVD of the NoPE keys and the values."""
+    if lowrank not in ("joint", "split"):
+        raise HarnessError(f"unknown mha2mla lowrank '{lowrank}'; use joint or split")
+    out = []
+    for a in layers:
+        n_kv, d_h, half = a.n_kv, a.d_h, a.d_h // 2
+        p = rope_pairs if rope_pairs is not None else max(1, d_h // 16)
+        if not 1 <= p <= half:
+            raise HarnessError(f"mha2mla rope_pairs {p} must be in [1, {half}] (d_h/2) for d_h={d_h}")
+        w = per_layer_width(budget, n_kv, d_h)
+        d_c = w - n_kv * 2 * p
+        if d_c < (2 if lowrank == "split" else 1):
+            raise HarnessError(
+                f"mha2mla: the budget gives {w} cache elements per layer but the RoPE keys take "
+                f"n_kv*2p = {n_kv * 2 * p}; lower kv_save or rope_pairs"
+            )
+        pairs = select_pairs(selection, p, half, n_kv, a.n_h, a.index, stats)  # (n_kv, p)
+        rope_dims = torch.cat([pairs, pairs + half], 1).sort(1).values  # (n_kv, 2p)
+        keep = torch.ones(n_kv, d_h, dtype=torch.bool)
+        keep.scatter_(1, rope_dims, False)
+        latent_dims = torch.arange(d_h).expand(n_kv, -1)[keep].view(n_kv, d_h - 2 * p)
+        Wk = a.module.k_proj.weight.detach().double().view(n_kv, d_h, -1)  # (n_kv, d_h, D)
+        Wv = a.module.v_proj.weight.detach().double()
+        D = Wk.shape[-1]
+        k_rope = Wk.gather(1, rope_dims[..., None].expand(-1, -1, D)).reshape(-1, D)
+        k_nope = Wk.gather(1, latent_dims[..., None].expand(-1, -1, D)).reshape(-1, D)
+        nk = k_nope.shape[0]
+        if lowrank == "joint" or nk == 0:
+            r = min(d_c, nk + Wv.shape[0], D)
+            down, up, _ = whitened_factor(torch.cat([k_nope, Wv], 0), r)
+            if nk == 0:  # every pair keeps RoPE: the latent serves V alone
+                up_k, k_slice = up[:0, :1], (0, 1)
+            else:
+                up_k, k_slice = up[:nk], (0, r)
+            up_v, v_slice = up[nk:], (0, r)
+        else:
+            r_k, r_v = d_c // 2, d_c - d_c // 2
+            dk, up_k, _ = whitened_factor(k_nope, min(r_k, nk))
+            dv, up_v, _ = whitened_factor(Wv, r_v)
+            down = torch.cat([dk, dv], 0)
+            k_slice, v_slice = (0, dk.shape[0]), (dk.shape[0], dk.shape[0] + dv.shape[0])
+        kb, vb = a.module.k_proj.bias, a.module.v_proj.bias
+        out.append(LayerFactors(
+            down=down, up_k=up_k, up_v=up_v, k_slice=k_slice, v_slice=v_slice,
+            rope_dims=rope_dims, latent_dims=latent_dims, rope_on_latent=False, k_rope=k_rope,
+            k_bias=None if kb is None else kb.detach().double(),
+            v_bias=None if vb is None else vb.detach().double(),
+            info={"rope_pairs": p, "d_c": int(down.shape[0]), "selection": selection},
+        ))
+    return out

@@ -1,0 +1,32 @@
+"""`svdllm`: truncation-aware whitening by the Cholesky factor of C (SVD-LLM; DESIGN §3.4).
+
+C = L L^T, S = L^T: ||S (W^T - What^T)|| = ||X (W^T - What^T)||. Any S with S^T S = C has the
+same optimum, so this equals `care` (p = 1/2) up to damping and numerics; it is kept as the
+published baseline.
+"""
+from __future__ import annotations
+
+import torch
+
+from harness.methods import register
+from harness.methods._linalg import whitened_factor
+from harness.methods.svd import _bias
+from harness.mla.accounting import per_layer_width
+from harness.mla.factors import split_factors
+
+
+@register("svdllm")
+def svdllm(layers, stats, budget, *, damping: float = 0.01):
+    """Cholesky-whitened SVD of W_k and W_v at uniform rank."""
+    out = []
+    for a in layers:
+        C = stats.cov[a.index].double()
+        C = C + damping * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+        Lc = torch.linalg.cholesky(C)
+        S = Lc.T
+        S_inv = torch.linalg.solve_triangular(Lc, torch.eye(C.shape[0], dtype=C.dtype), upper=False).T
+        w = per_layer_width(budget, a.n_kv, a.d_h)
+        dk, uk, _ = whitened_factor(a.module.k_proj.weight, w // 2, S, S_inv)
+        dv, uv, _ = whitened_factor(a.module.v_proj.weight, w - w // 2, S, S_inv)
+        out.append(split_factors(dk, uk, dv, uv, a.n_kv, a.d_h, _bias(a.module.k_proj), _bias(a.module.v_proj)))
+    return out

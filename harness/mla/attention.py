@@ -1,0 +1,260 @@
+"""The MLA attention module: one class for every supported architecture.
+
+A converted layer stores, per token, only
+    c      = x @ down.T          (B, T, r)          the latent(s): K part c[:, :, k_lo:k_hi], V part c[:, :, v_lo:v_hi]
+    k_rope = x @ k_rope_proj.T   (B, T, n_kv*2p)    the key dims that keep RoPE exactly (MHA2MLA), pre-RoPE
+and rebuilds attention from them. Which key dims come from where is a per-layer choice recorded in
+`LayerFactors` (harness.mla.factors):
+  * svd / care / care_joint: every key dim comes from the latent and RoPE is applied after the
+    key is rebuilt (``rope_on_latent=True``); nothing else is cached.
+  * mha2mla: 2p dims per KV head keep RoPE and are cached exactly; the others ("NoPE") come from
+    the latent and get no RoPE on the query or the key side.
+
+Two paths:
+  * ``reconstruct`` (any method): rebuild K (B, n_kv, S, d_h) and V from the cache, apply the
+    original q/k-norm and RoPE, then call the model's own attention kernel (eager/sdpa/flash).
+  * ``absorbed`` (NoPE latent, no k-norm): never rebuild K/V; fold up_k into the query
+    (q_lat = q_nope @ up_k, scores against the latent) and apply up_v after the softmax.
+
+The cache is any `transformers` DynamicCache: we store the latent as its "key" (B, 1, T, r) and the
+RoPE keys as its "value" (B, 1, T, n_kv*2p), so `generate()` holds exactly the accounted elements.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.mla.factors import LayerFactors
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """RoPE on the dims where mask (heads, d_h) is True; x (B, heads, T, d_h), cos/sin (B, T, d_h)."""
+    rot = x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+    if mask is None:
+        return rot
+    return torch.where(mask[None, :, None, :], rot, x)
+
+
+class MLAAttention(nn.Module):
+    """Drop-in replacement of a Llama/Qwen2/Qwen3/Mistral/Gemma3 attention module.
+
+    Built from the original module (q_proj, o_proj, q/k-norm, scaling and window are reused as
+    they are) and one `LayerFactors` (the method's output for this layer).
+    """
+
+    def __init__(self, original: nn.Module, f: LayerFactors, *, n_h: int, n_kv: int, d_h: int,
+                 path: str = "reconstruct"):
+        super().__init__()
+        self.config = original.config
+        self.layer_idx = original.layer_idx
+        self.head_dim = d_h
+        self.num_heads, self.num_kv_heads = n_h, n_kv
+        self.num_key_value_groups = n_h // n_kv
+        self.scaling = original.scaling
+        self.attention_dropout = getattr(original, "attention_dropout", 0.0)
+        self.is_causal = getattr(original, "is_causal", True)
+        self.sliding_window = getattr(original, "sliding_window", None)
+        self.attn_logit_softcapping = getattr(original, "attn_logit_softcapping", None)
+        self.q_proj, self.o_proj = original.q_proj, original.o_proj
+        self.q_norm = getattr(original, "q_norm", None)
+        self.k_norm = getattr(original, "k_norm", None)
+        # The model's own eager kernel (Gemma's differs from Llama's) is the fallback interface.
+        self._eager = getattr(sys.modules[type(original).__module__], "eager_attention_forward", None)
+
+        D = original.q_proj.in_features
+        dev, dt = original.q_proj.weight.device, original.q_proj.weight.dtype
+        self.k_slice, self.v_slice = tuple(f.k_slice), tuple(f.v_slice)
+        self.rope_on_latent = f.rope_on_latent
+        self.rank = f.down.shape[0]
+        self.down = nn.Linear(D, self.rank, bias=False, device=dev, dtype=dt)
+        self.up_k = nn.Linear(self.k_slice[1] - self.k_slice[0], f.up_k.shape[0], bias=False, device=dev, dtype=dt)
+        self.up_v = nn.Linear(self.v_slice[1] - self.v_slice[0], f.up_v.shape[0], bias=False, device=dev, dtype=dt)
+        n_rope = f.k_rope.shape[0] if f.k_rope is not None else 0
+        self.k_rope_proj = nn.Linear(D, n_rope, bias=False, device=dev, dtype=dt) if n_rope else None
+        with torch.no_grad():
+            self.down.weight.copy_(f.down)
+            self.up_k.weight.copy_(f.up_k)
+            self.up_v.weight.copy_(f.up_v)
+            if self.k_rope_proj is not None:
+                self.k_rope_proj.weight.copy_(f.k_rope)
+        self.k_bias = nn.Parameter(f.k_bias.to(dev, dt)) if f.k_bias is not None else None
+        self.v_bias = nn.Parameter(f.v_bias.to(dev, dt)) if f.v_bias is not None else None
+
+        # Within-head dim indices: rope_dims (n_kv, 2p) are cached exactly; latent_dims (n_kv, d_h-2p).
+        self.register_buffer("rope_dims", f.rope_dims.to(dev), persistent=True)
+        self.register_buffer("latent_dims", f.latent_dims.to(dev), persistent=True)
+        k_mask = torch.zeros(n_kv, d_h, dtype=torch.bool, device=dev)
+        k_mask.scatter_(1, f.rope_dims.to(dev), True)
+        if self.rope_on_latent:
+            k_mask[:] = True
+        # None means "RoPE everywhere" (skip the where()).
+        self._k_mask = None if bool(k_mask.all()) else k_mask
+        self._q_mask = None if self._k_mask is None else k_mask.repeat_interleave(self.num_key_value_groups, 0)
+        self.path = path
+        self.check_path(path)
+
+    # ----------------------------------------------------------------------------- bookkeeping
+    @property
+    def cache_width(self) -> int:
+        """Elements cached per token: latent + exact RoPE keys (the §2 accounting rule)."""
+        return self.rank + (self.k_rope_proj.out_features if self.k_rope_proj is not None else 0)
+
+    def supports_absorbed(self) -> bool:
+        return (not self.rope_on_latent) and self.k_norm is None and self.attn_logit_softcapping is None
+
+    def check_path(self, path: str) -> None:
+        if path not in ("reconstruct", "absorbed"):
+            raise ValueError(f"unknown MLA decode path '{path}'; use reconstruct or absorbed")
+        if path == "absorbed" and not self.supports_absorbed():
+            raise ValueError(
+                "the absorbed path needs NoPE latent keys and no k-norm (mha2mla on Llama/Qwen2/Mistral); "
+                "use path='reconstruct' for this conversion"
+            )
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                past_key_values=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        c = self.down(hidden_states)  # (B, T, r)
+        kr = (self.k_rope_proj(hidden_states) if self.k_rope_proj is not None
+              else hidden_states.new_zeros(B, T, 0))  # (B, T, n_kv*2p)
+        if past_key_values is not None:
+            c4, kr4 = past_key_values.update(c.unsqueeze(1), kr.unsqueeze(1), self.layer_idx)
+            c, kr = c4.squeeze(1), kr4.squeeze(1)  # (B, S, r), (B, S, n_kv*2p)
+        S = c.shape[1]
+        cos, sin = position_embeddings
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)  # (B, n_h, T, d_h)
+        if self.path == "absorbed":
+            out = self._absorbed(q, c, kr, cos, sin, attention_mask, kwargs.get("position_ids"))
+        else:
+            out = self._reconstruct(q, c, kr, cos, sin, attention_mask, S, **kwargs)
+        out = out.reshape(B, T, -1).contiguous()
+        return self.o_proj(out), None
+
+    def rebuild_kv(self, c, kr):
+        """K (B, n_kv, S, d_h) pre-norm, pre-RoPE, and V (B, n_kv, S, d_h) from the cached tensors."""
+        B, S, _ = c.shape
+        n_kv, d_h = self.num_kv_heads, self.head_dim
+        k_lat = self.up_k(c[..., self.k_slice[0]:self.k_slice[1]]).view(B, S, n_kv, -1)
+        if self.k_rope_proj is None:
+            k = k_lat  # latent dims are all dims, in order
+        else:
+            k = c.new_zeros(B, S, n_kv, d_h)
+            idx_lat = self.latent_dims[None, None].expand(B, S, -1, -1)
+            idx_rope = self.rope_dims[None, None].expand(B, S, -1, -1)
+            k = k.scatter(3, idx_lat, k_lat).scatter(3, idx_rope, kr.view(B, S, n_kv, -1))
+        k = k.reshape(B, S, n_kv * d_h)
+        if self.k_bias is not None:
+            k = k + self.k_bias
+        v = self.up_v(c[..., self.v_slice[0]:self.v_slice[1]])
+        if self.v_bias is not None:
+            v = v + self.v_bias
+        k = k.view(B, S, n_kv, d_h)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k.transpose(1, 2), v.view(B, S, n_kv, d_h).transpose(1, 2)
+
+    def _reconstruct(self, q, c, kr, cos, sin, attention_mask, S, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        k, v = self.rebuild_kv(c, kr)
+        q = _rope(q, cos, sin, self._q_mask)
+        # Keys span all S cached positions; the model's rotary module gave cos/sin for the T new
+        # ones only, so recompute the tables for positions 0..S-1 from the last T entries' offset.
+        k_cos, k_sin = self._positions_table(cos, sin, S, kwargs.get("position_ids"))
+        k = _rope(k, k_cos, k_sin, self._k_mask)
+        interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
+        out, _ = interface(
+            self, q, k.to(q.dtype), v.to(q.dtype), attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling, sliding_window=self.sliding_window, **kwargs,
+        )
+        return out  # (B, T, n_h, d_h)
+
+    def _positions_table(self, cos, sin, S, position_ids):
+        """cos/sin (B, S, d_h) for the S cached key positions.
+
+        The model's rotary module gave tables for the T new tokens only. Cached tokens are
+        consecutive positions ending at the last new one (also after left padding, whose pad
+        slots are masked, and after a sliding-window cache dropped old slots).
+        """
+        T = cos.shape[1]
+        if S == T:
+            return cos, sin
+        rotary, layer_type = self._rotary
+        if position_ids is None:
+            raise ValueError("MLAAttention needs position_ids to rotate cached keys; pass them to the model")
+        pos = position_ids[:, -1:] - (S - 1) + torch.arange(S, device=cos.device)[None]  # (B, S)
+        return rotary(cos, pos) if layer_type is None else rotary(cos, pos, layer_type)
+
+    def bind_rotary(self, rotary: nn.Module, layer_type: str | None) -> None:
+        """Give the module its model's rotary embedding without making it a submodule."""
+        object.__setattr__(self, "_rotary", (rotary, layer_type))
+
+    def _absorbed(self, q, c, kr, cos, sin, attention_mask, position_ids):
+        B, n_h, T, d_h = q.shape
+        S = c.shape[1]
+        g = self.num_key_value_groups
+        n_kv = self.num_kv_heads
+        # Query side: RoPE part (exact) and NoPE part folded through up_k.
+        q_rot = _rope(q, cos, sin, self._q_mask)
+        rope_idx = self.rope_dims.repeat_interleave(g, 0)  # (n_h, 2p)
+        lat_idx = self.latent_dims.repeat_interleave(g, 0)  # (n_h, d_lat)
+        q_r = q_rot.gather(3, rope_idx[None, :, None, :].expand(B, -1, T, -1))  # (B, n_h, T, 2p)
+        q_n = q.gather(3, lat_idx[None, :, None, :].expand(B, -1, T, -1))  # (B, n_h, T, d_lat)
+        d_lat = lat_idx.shape[1]
+        scores = q.new_zeros(B, n_h, T, S)
+        if d_lat:
+            up_k = self.up_k.weight.view(n_kv, d_lat, -1)  # (n_kv, d_lat, r_k)
+            q_lat = torch.einsum("bhtd,hdr->bhtr", q_n, up_k.repeat_interleave(g, 0))  # (B, n_h, T, r_k)
+            c_k = c[..., self.k_slice[0]:self.k_slice[1]]  # (B, S, r_k)
+            scores = scores + torch.einsum("bhtr,bsr->bhts", q_lat, c_k)
+            if self.k_bias is not None:  # q_nope . b_nope: the same for every key, kept for exactness
+                b = self.k_bias.view(n_kv, d_h).gather(1, self.latent_dims).repeat_interleave(g, 0)
+                scores = scores + torch.einsum("bhtd,hd->bht", q_n, b)[..., None]
+        if kr.shape[-1]:
+            k_r = kr.view(B, S, n_kv, -1).transpose(1, 2)  # (B, n_kv, S, 2p) pre-RoPE
+            if self.k_bias is not None:
+                k_r = k_r + self.k_bias.view(n_kv, d_h).gather(1, self.rope_dims)[None, :, None, :]
+            k_cos, k_sin = self._positions_table(cos, sin, S, position_ids)
+            full = c.new_zeros(B, n_kv, S, d_h).scatter(3, self.rope_dims[None, :, None, :].expand(B, -1, S, -1), k_r)
+            full = _rope(full, k_cos, k_sin, None)
+            k_r = full.gather(3, self.rope_dims[None, :, None, :].expand(B, -1, S, -1))
+            scores = scores + torch.einsum("bhtd,bhsd->bhts", q_r, k_r.repeat_interleave(g, 1))
+        scores = scores * self.scaling
+        scores = scores + _additive_mask(attention_mask, T, S, scores, self.sliding_window)
+        p = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        c_v = c[..., self.v_slice[0]:self.v_slice[1]]  # (B, S, r_v)
+        o_lat = torch.einsum("bhts,bsr->bhtr", p, c_v)  # (B, n_h, T, r_v)
+        up_v = self.up_v.weight.view(n_kv, d_h, -1).repeat_interleave(g, 0)  # (n_h, d_h, r_v)
+        out = torch.einsum("bhtr,hdr->bhtd", o_lat, up_v)
+        if self.v_bias is not None:  # softmax rows sum to 1, so the bias passes through
+            out = out + self.v_bias.view(n_kv, d_h).repeat_interleave(g, 0)[None, :, None, :]
+        return out.transpose(1, 2)  # (B, T, n_h, d_h)
+
+
+def _additive_mask(mask, T, S, like, window):
+    """An additive (…, T, S) mask from whatever the model passed: None (causal), bool, or float."""
+    if mask is None:
+        i = torch.arange(T, device=like.device)[:, None] + (S - T)
+        j = torch.arange(S, device=like.device)[None, :]
+        keep = j <= i
+        if window is not None:
+            keep = keep & (j > i - window)
+        return torch.zeros(T, S, device=like.device, dtype=like.dtype).masked_fill(~keep, float("-inf"))
+    mask = mask[..., -S:]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=like.device, dtype=like.dtype).masked_fill(~mask, float("-inf"))
+    return mask.to(like.dtype)

@@ -1,0 +1,29 @@
+"""The latent KV cache and a byte count of what any cache really holds.
+
+`LatentCache` is a `DynamicCache`: MLA layers store their latent as the layer's "keys"
+(B, 1, T, r) and their exact RoPE keys as the "values" (B, 1, T, n_kv*2p), so the bytes held are
+exactly the accounted width x tokens x dtype size (sliding-window layers keep only their window,
+as in the original). Pass one to `generate(past_key_values=LatentCache(config=model.config))`, or
+let the model create a plain DynamicCache: both hold the same tensors.
+"""
+from __future__ import annotations
+
+from transformers import DynamicCache
+
+
+class LatentCache(DynamicCache):
+    """A DynamicCache that reports the bytes its layers hold."""
+
+    def bytes_held(self) -> int:
+        return cache_bytes(self)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by the tensors of a transformers cache (DynamicCache layout)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if t is not None and hasattr(t, "nbytes"):
+                total += t.nbytes
+    return total

