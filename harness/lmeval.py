@@ -41,9 +41,9 @@ def _check_known(names: list[str], manager: Any, folder: Path) -> None:
         for name in unknown:
             close = difflib.get_close_matches(name, sorted(known), n=3)
             hints.append(f"'{name}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        groups = sorted(n for n in known if not n.startswith("mmlu_"))
+        listed = sorted(n for n in {*manager.all_groups, *manager.all_subtasks} if not n.startswith("mmlu_"))
         raise HarnessError(f"unknown lm-eval task {', '.join(hints)}; the offline tasks (from {folder}) are "
-                           f"{', '.join(groups)} and mmlu_<subject>")
+                           f"{', '.join(listed)} and mmlu_<subject>")
 
 
 def _number(x: Any) -> float | None:
@@ -59,6 +59,45 @@ def _leaves(name: str, subtasks: dict[str, list[str]]) -> list[str]:
     if name not in subtasks:
         return [name]
     return [leaf for child in subtasks[name] for leaf in _leaves(child, subtasks)]
+
+
+ENTRY_MEAN_METRICS = ("acc", "acc_norm")
+
+
+def add_entry_means(raw: dict) -> dict:
+    """Give each group that lm-eval left unaggregated the unweighted mean over its direct entries.
+
+    lm-eval averages a group over its *leaf* tasks, so in `mla_core` MMLU's 57 subjects would
+    outweigh the other five entries. Groups without `aggregate_metric_list` (mla_core) get instead,
+    for acc and acc_norm, the plain mean over their direct entries (a sub-group counts once with its
+    own aggregate; an entry without acc_norm, e.g. MMLU or WinoGrande, contributes its acc), with
+    stderr sqrt(sum se^2) / k. The values are written into `raw` ("acc,none", ...) in place.
+    """
+    subtasks = raw.get("group_subtasks", {})
+    results = raw.get("results", {})
+    for group, children in subtasks.items():
+        entry = results.get(group)
+        if entry is None or not children or any("," in key for key in entry):
+            continue  # not reported, or lm-eval aggregated it already
+        for metric in ENTRY_MEAN_METRICS:
+            values, errors = [], []
+            for child in children:
+                child_entry = results.get(child, {})
+                key = f"{metric},none" if f"{metric},none" in child_entry else "acc,none"
+                value = _number(child_entry.get(key))
+                if value is None:
+                    break
+                values.append(value)
+                errors.append(_number(child_entry.get(key.replace(",", "_stderr,", 1))))
+            else:
+                k = len(values)
+                entry[f"{metric},none"] = sum(values) / k
+                entry[f"{metric}_stderr,none"] = (
+                    "N/A" if None in errors else math.sqrt(sum(e * e for e in errors)) / k
+                )
+        if any("," in key for key in entry):
+            raw.setdefault("groups", {})[group] = entry  # lm-eval lists only groups it aggregated
+    return raw
 
 
 def result_rows(raw: dict) -> list[dict]:
@@ -134,7 +173,7 @@ def run_lm_eval(
             default 100000 takes minutes on a CPU.
     Returns:
         (rows, raw): rows are {task, metric, value, stderr, n} for every task, then every group;
-        raw is lm-eval's results dict.
+        raw is lm-eval's results dict, with `add_entry_means` applied (mla_core's average).
     Raises:
         HarnessError: an unknown task name, or a problem with the offline benchmarks (see harness.tasks).
     """
@@ -171,6 +210,7 @@ def run_lm_eval(
         model.train(was_training)
     if raw is None:  # only on non-zero ranks of a multi-process launch
         raise HarnessError("lm-eval returned no results (is this a non-zero rank of a distributed launch?)")
+    add_entry_means(raw)
     if out_dir is not None:
         _write_json(raw, out_dir)
     return result_rows(raw), raw

