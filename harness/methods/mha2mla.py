@@ -39,7 +39,7 @@ def select_pairs(selection: str, p: int, half: int, n_kv: int, n_h: int, layer: 
     return idx[None].expand(n_kv, -1).clone()
 
 
-@register("mha2mla")
+@register("mha2mla", needs_stats=False)  # only the 2norm selection reads statistics
 def mha2mla(layers, stats, budget, *, rope_pairs: int | None = None, selection: str = "2norm",
             lowrank: str = "joint"):
     """Partial RoPE (2-norm selection) + joint SVD of the NoPE keys and the values."""
@@ -66,8 +66,9 @@ def mha2mla(layers, stats, budget, *, rope_pairs: int | None = None, selection: 
         Wk = a.module.k_proj.weight.detach().double().view(n_kv, d_h, -1)  # (n_kv, d_h, D)
         Wv = a.module.v_proj.weight.detach().double()
         D = Wk.shape[-1]
-        k_rope = Wk.gather(1, rope_dims[..., None].expand(-1, -1, D)).reshape(-1, D)
-        k_nope = Wk.gather(1, latent_dims[..., None].expand(-1, -1, D)).reshape(-1, D)
+        rd, ld = rope_dims.to(Wk.device), latent_dims.to(Wk.device)
+        k_rope = Wk.gather(1, rd[..., None].expand(-1, -1, D)).reshape(-1, D)
+        k_nope = Wk.gather(1, ld[..., None].expand(-1, -1, D)).reshape(-1, D)
         nk = k_nope.shape[0]
         if lowrank == "joint" or nk == 0:
             r = min(d_c, nk + Wv.shape[0], D)

@@ -125,6 +125,10 @@ class MLAAttention(nn.Module):
             )
 
     # ----------------------------------------------------------------------------- forward
+    # Absorption pays off when few new tokens attend to a long latent; prefill goes through the
+    # reconstruct path and the model's fused attention kernel (the absorbed scores are materialised).
+    absorb_max_tokens: int = 16
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                 past_key_values=None, **kwargs):
         B, T, _ = hidden_states.shape
@@ -140,7 +144,7 @@ class MLAAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = q.transpose(1, 2)  # (B, n_h, T, d_h)
-        if self.path == "absorbed":
+        if self.path == "absorbed" and T <= self.absorb_max_tokens:
             out = self._absorbed(q, c, kr, cos, sin, attention_mask, kwargs.get("position_ids"))
         else:
             out = self._reconstruct(q, c, kr, cos, sin, attention_mask, S, **kwargs)
@@ -233,10 +237,14 @@ class MLAAttention(nn.Module):
             if self.k_bias is not None:
                 k_r = k_r + self.k_bias.view(n_kv, d_h).gather(1, self.rope_dims)[None, :, None, :]
             k_cos, k_sin = self._positions_table(cos, sin, S, position_ids)
-            full = c.new_zeros(B, n_kv, S, d_h).scatter(3, self.rope_dims[None, :, None, :].expand(B, -1, S, -1), k_r)
-            full = _rope(full, k_cos, k_sin, None)
-            k_r = full.gather(3, self.rope_dims[None, :, None, :].expand(B, -1, S, -1))
-            scores = scores + torch.einsum("bhtd,bhsd->bhts", q_r, k_r.repeat_interleave(g, 1))
+            # rope_dims is sorted [pairs, pairs + d_h/2], so rotate_half of the 2p-vector pairs each
+            # dim with its RoPE partner: rotate only the kept dims, never a (B, n_kv, S, d_h) tensor.
+            idx = self.rope_dims[None, :, None, :].expand(B, -1, S, -1)
+            kc = k_cos.unsqueeze(1).expand(B, n_kv, -1, -1).gather(3, idx)
+            ks = k_sin.unsqueeze(1).expand(B, n_kv, -1, -1).gather(3, idx)
+            k_r = k_r * kc + _rotate_half(k_r) * ks  # (B, n_kv, S, 2p)
+            q_r = q_r.view(B, n_kv, g * T, -1)  # group query heads per KV head: no repeat of keys
+            scores = scores + torch.matmul(q_r, k_r.transpose(-1, -2)).view(B, n_h, T, S)
         scores = scores * self.scaling
         scores = scores + _additive_mask(attention_mask, T, S, scores, self.sliding_window)
         p = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
