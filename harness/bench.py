@@ -174,6 +174,32 @@ def conversion_cost(samples: int = 64, seq_len: int = 256) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- eval throughput
+def eval_throughput(task: str = "arc_easy", limit: int = 40, batch_size: int = 8) -> list[dict]:
+    """lm-eval requests/s of the original vs converted SmolLM2 at the same batch size."""
+    from harness.lmeval import run_lm_eval
+
+    rows = []
+    for method in (None, "care", "mha2mla"):
+        model = _smollm(method, 0.75, "reconstruct", "cpu", torch.float32)
+        t0 = time.perf_counter()
+        _, raw = run_lm_eval(model, _smollm_tokenizer(), [task], limit=limit, batch_size=batch_size, log_samples=True)
+        secs = time.perf_counter() - t0
+        n_req = sum(len(s["arguments"]) for s in raw["samples"][task])
+        rows.append({"method": method or "original", "requests": n_req, "seconds": secs,
+                     "requests_per_s": n_req / secs})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _smollm_tokenizer():
+    from harness.models import load_model
+
+    if not hasattr(_smollm_tokenizer, "tok"):
+        _smollm_tokenizer.tok = load_model("smollm2-135m", device="cpu", dtype="fp32")[1]
+    return _smollm_tokenizer.tok
+
+
 # ----------------------------------------------------------------------------- report
 def _fmt_bytes(b: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -202,13 +228,15 @@ def decode_table(results: list[dict]) -> str:
 
 def cpu_suite(contexts: list[int], new_tokens: int, batch: int = 1) -> str:
     cost = conversion_cost()
+    evals = eval_throughput()
+    bw = measure_bandwidth("cpu", 512)
     results = []
     for T in contexts:
         for method, path in [(None, "reconstruct"), ("care", "reconstruct"), ("mha2mla", "reconstruct"),
                              ("mha2mla", "absorbed")]:
             cfg = {"model": "smollm2-135m", "method": method, "kv_save": 0.75 if method else 0.0, "path": path,
                    "device": "cpu", "dtype": "fp32", "batch": batch, "context": T, "new_tokens": new_tokens}
-            r = _subprocess(cfg)
+            r = add_floor(_subprocess(cfg), 135_000_000 * 4, bw)
             print(json.dumps(r), flush=True)
             results.append(r)
     lines = ["### Conversion cost (SmolLM2-135M, 64 x 256 wiki calibration tokens, CPU fp32)", "",
@@ -217,8 +245,13 @@ def cpu_suite(contexts: list[int], new_tokens: int, batch: int = 1) -> str:
     for r in cost:
         lines.append(f"| {r['what']} | {r['seconds']:.2f} | {r.get('conversion_total_s', float('nan')):.2f} "
                      f"| {r.get('ratio_to_forward', float('nan')):.2f} |")
+    lines += ["", "### lm-eval throughput (SmolLM2-135M, CPU fp32, arc_easy, 40 docs, batch 8, kv_save 0.75)", "",
+              "| model | requests | seconds | requests/s | vs original |", "|---|---|---|---|---|"]
+    for r in evals:
+        lines.append(f"| {r['method']} | {r['requests']} | {r['seconds']:.1f} | {r['requests_per_s']:.2f} "
+                     f"| {r['requests_per_s'] / evals[0]['requests_per_s']:.2f}x |")
     lines += ["", f"### Decode (SmolLM2-135M, CPU fp32, kv_save 0.75, {new_tokens} new tokens after the context)", "",
-              decode_table(results)]
+              f"Measured copy bandwidth: {bw / 1e9:.1f} GB/s.", "", decode_table(results)]
     return "\n".join(lines)
 
 

@@ -100,11 +100,63 @@ def describe_models() -> list[dict]:
     return rows
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("MLA_HARNESS_CACHE", Path.home() / ".cache" / "mla-harness"))
+
+
+def _embedded_dir(name: str) -> Path:
+    """A plain HF directory of the embedded model, dequantized once from its GGUF file.
+
+    Dequantizing the GGUF takes ~30 s on a small CPU box; the safetensors copy loads in ~1 s.
+    The copy is keyed by the wheel's version and written atomically.
+    """
+    from importlib.metadata import version
+
+    package, requirement, filename, _ = EMBEDDED[name]
+    folder, filename = embedded_path(name)
+    target = _cache_root() / "models" / f"{name}-{version(requirement.split('==')[0])}"
+    if (target / ".complete").exists():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # concurrent jobs dequantize once
+        if not (target / ".complete").exists():
+            _dequantize(folder, filename, target)
+    return target
+
+
+def _dequantize(folder: Path, filename: str, target: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch.float32)
+    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = cfg["dtype"] = "float32"
+    import json
+
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    tok.save_pretrained(str(tmp))
+    (tmp / ".complete").write_text(f"dequantized from {folder / filename}\n")
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
 def _resolve(spec: str) -> tuple[str, dict]:
     """Turn a model spec into (path-or-id, from_pretrained kwargs)."""
     if spec in EMBEDDED:
-        folder, filename = embedded_path(spec)
-        return str(folder), {"gguf_file": filename}
+        return str(_embedded_dir(spec)), {}
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():

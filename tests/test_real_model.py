@@ -70,4 +70,10 @@ def test_mha2mla_generate_holds_accounted_bytes_and_paths_agree(smollm):
     x = out[:, :-1]
     rec = m(x).logits
     set_path(m, "absorbed")
-    assert (m(x).logits - rec).abs().max() <= 1e-4
+    # fp32: the two paths sum in different orders ((q up_k) . c vs q . (up_k c)); measured 4e-4
+    # on logits of magnitude ~10. In float64 the paths must agree to rounding.
+    assert (m(x).logits - rec).abs().max() <= 1e-3
+    m.double()
+    absorbed = m(x).logits
+    set_path(m, "reconstruct")
+    assert (m(x).logits - absorbed).abs().max() <= 1e-9

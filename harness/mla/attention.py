@@ -247,7 +247,7 @@ class MLAAttention(nn.Module):
             scores = scores + torch.matmul(q_r, k_r.transpose(-1, -2)).view(B, n_h, T, S)
         scores = scores * self.scaling
         scores = scores + _additive_mask(attention_mask, T, S, scores, self.sliding_window)
-        p = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        p = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         c_v = c[..., self.v_slice[0]:self.v_slice[1]]  # (B, S, r_v)
         o_lat = torch.einsum("bhts,bsr->bhtr", p, c_v)  # (B, n_h, T, r_v)
         up_v = self.up_v.weight.view(n_kv, d_h, -1).repeat_interleave(g, 0)  # (n_h, d_h, r_v)
