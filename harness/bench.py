@@ -295,6 +295,20 @@ def gpu_suite(contexts: list[int], batches: list[int], new_tokens: int, layers: 
                       decode_table(results)])
 
 
+def write_section(report: Path, suite: str, text: str) -> None:
+    """Replace this suite's section of the report (between its markers), keeping the others."""
+    start, end = f"<!-- bench:{suite} -->", f"<!-- /bench:{suite} -->"
+    old = report.read_text() if report.exists() else "# mla-harness benchmarks\n\n"
+    block = f"{start}\n{text}{end}\n"
+    if start in old and end in old:
+        new = old[:old.index(start)] + block + old[old.index(end) + len(end) + 1:]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, report)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="cpu", choices=["cpu", "gpu"])
@@ -315,7 +329,7 @@ def main(argv=None) -> int:
             f"({os.cpu_count()} CPUs, torch {torch.__version__})  \nDate: {time.strftime('%Y-%m-%d')}\n")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(head + "\n" + body + "\n")
+    write_section(out, a.suite, head + "\n" + body + "\n")
     print(head + "\n" + body)
     return 0
 

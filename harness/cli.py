@@ -45,8 +45,17 @@ def cmd_sweep(a) -> int:
     from harness.sweep import run_sweep
 
     sweep = load_sweep(a.file)
-    if a.executor:
-        sweep.executor = a.executor
+    if a.executor and a.executor != sweep.executor:  # another back-end: the file's options do not apply
+        sweep.executor, sweep.executor_options = a.executor, {}
+    if a.executor or a.executor_option:
+        from harness.executors import check_executor
+
+        sweep.executor_options = {**sweep.executor_options, **_parse_options(a.executor_option)}
+        problems = check_executor(sweep.executor, sweep.executor_options)
+        if problems:
+            key, msg = problems[0]
+            raise HarnessError(f"--executor {sweep.executor}"
+                               + (f" --executor-option {key[-1]}" if key else "") + f": {msg}")
     if a.no_wandb:
         sweep.wandb = False
     df = run_sweep(sweep, Path(a.results), dry_run=a.dry_run)
@@ -165,10 +174,12 @@ def cmd_methods(a) -> int:
 
 
 def cmd_leaderboard(a) -> int:
-    """Print (and write leaderboard.md/.csv) from a results directory's rows.parquet."""
+    """Write leaderboard.md/.csv/.html and plots/ from a results directory's rows.parquet; print the table."""
     from harness.leaderboard import write_leaderboard
 
-    print(write_leaderboard(Path(a.results_dir)))
+    print(write_leaderboard(Path(a.results_dir), plots=not a.no_plots))
+    print(f"\nwrote {Path(a.results_dir) / 'leaderboard.html'}"
+          + ("" if a.no_plots else f" and {Path(a.results_dir) / 'plots'}/"))
     return 0
 
 
@@ -203,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--results", default="results", help="results root (default: results/)")
     s.add_argument("--dry-run", action="store_true", help="list the jobs and which are done")
-    s.add_argument("--executor", default=None, help="override the sweep's executor")
+    s.add_argument("--executor", default=None, help="override the sweep's executor: serial | ray | submitit")
+    s.add_argument("--executor-option", action="append",
+                   help="executor option key=value (repeatable), e.g. address=auto, num_gpus=1, cluster=local")
     s.add_argument("--no-wandb", action="store_true", help="do not log W&B runs")
 
     s = add("convert")
@@ -241,9 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-tokens", action="store_true", help="skip token counts (no tokenizer load)")
     add("methods")
     s = add("leaderboard")
-    s.add_argument("results_dir")
+    s.add_argument("results_dir", help="a sweep's results folder, e.g. results/quick")
+    s.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib figures)")
     s = add("sync")
-    s.add_argument("results_dir")
+    s.add_argument("results_dir", help="uploads every offline W&B run below it")
     return p
 
 

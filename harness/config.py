@@ -47,10 +47,141 @@ class BudgetConfig:
     rank: int | None = None  # or an explicit rank per K and per V
 
 
+# ------------------------------------------------------------------ healing (harness.heal)
+HEAL_MODES = ("none", "lora", "full")
+HEAL_SCHEDULES = ("cosine", "wsd")
+MLA_TARGETS = ("down", "up_k", "up_v", "k_rope_proj")  # the MLA module's new projections
+HEAL_TARGETS = MLA_TARGETS + ("q_proj", "o_proj")  # LoRA may also adapt the original q/o
+FULL_TARGETS = ("all", "attention")  # full fine-tuning: every parameter, or attention modules only
+
+
 @dataclass(frozen=True)
 class HealConfig:
-    mode: str = "none"  # none | lora | full (healing lands with harness.heal)
-    tokens: int = 0
+    """Healing after conversion (`heal:` in a sweep; `harness.heal.HealSpec` is this class).
+
+    The sweep key, the field and the `python -m harness.heal` flag share one name.
+    """
+
+    mode: str = "none"  # none | lora | full
+    tokens: int = 0  # training-token budget (input tokens; whole optimizer steps, never more)
+    label: str = ""  # name shown in tables; default: mode and tokens ("lora-300k")
+    lr: float = 1e-3  # peak learning rate (LoRA ~1e-3; full fine-tuning ~1e-4)
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    targets: tuple = MLA_TARGETS  # lora: module names (of HEAL_TARGETS); full: all | attention
+    kd_weight: float = 0.0  # loss = CE + kd_weight * T^2 * KL(teacher || student), teacher = original model
+    kd_temperature: float = 1.0
+    schedule: str = "cosine"  # cosine (warmup + cosine to 0) | wsd (warmup, constant, 1-sqrt decay; MHA2MLA)
+    warmup_frac: float = 0.05  # share of optimizer steps spent warming up
+    decay_frac: float = 0.2  # wsd: share of optimizer steps in the final 1-sqrt decay
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
+    batch_size: int = 8  # windows per micro-batch
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per optimizer step
+    corpora: tuple = ("wiki",)  # training mix: equal shares of each corpus's calib split
+    seed: int = 0
+    eval_every_tokens: tuple = ()  # token counts at which to measure perplexity (the healing curve)
+
+    @property
+    def display(self) -> str:
+        if self.label or self.mode == "none":
+            return self.label or "none"
+        t = self.tokens
+        size = f"{t / 1e6:g}M" if t >= 1_000_000 else f"{t / 1e3:g}k" if t >= 1000 else str(t)
+        return f"{self.mode}-{size}"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+
+def _names(v) -> list:
+    return [v] if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) else [repr(v)]
+
+
+def check_heal(h: HealConfig) -> list[tuple[str, str]]:
+    """Every problem of a heal config as (key, message); empty when it is valid."""
+    if h.mode not in HEAL_MODES:
+        return [("mode", f"unknown heal mode {h.mode!r}; use one of {', '.join(HEAL_MODES)}")]
+    if h.mode == "none":
+        return []
+    out = []
+
+    def positive(key, integer):
+        v = getattr(h, key)
+        ok = isinstance(v, int) and not isinstance(v, bool) if integer else isinstance(v, (int, float))
+        if not ok or v <= 0:
+            out.append((key, f"{v!r} must be a positive {'integer' if integer else 'number'}"))
+
+    for k in ("tokens", "batch_size", "seq_len", "grad_accum", "lora_rank"):
+        positive(k, True)
+    for k in ("lr", "lora_alpha", "kd_temperature"):
+        positive(k, False)
+    for k in ("lora_dropout", "warmup_frac", "decay_frac"):
+        v = getattr(h, k)
+        if not isinstance(v, (int, float)) or not 0 <= v < 1:
+            out.append((k, f"{v!r} must be in [0, 1)"))
+    for k in ("kd_weight", "weight_decay", "max_grad_norm"):
+        v = getattr(h, k)
+        if not isinstance(v, (int, float)) or v < 0:
+            out.append((k, f"{v!r} must be a number >= 0"))
+    if h.schedule not in HEAL_SCHEDULES:
+        out.append(("schedule", f"unknown schedule {h.schedule!r}; use one of {', '.join(HEAL_SCHEDULES)}"))
+    targets = _names(h.targets)
+    known = HEAL_TARGETS if h.mode == "lora" else FULL_TARGETS
+    bad = [t for t in targets if t not in known]
+    if not targets or bad:
+        out.append(("targets", f"{bad or targets!r} for mode {h.mode}: use "
+                               + ("a list of " + ", ".join(known) if h.mode == "lora" else "all or attention")))
+    elif h.mode == "full" and len(targets) != 1:
+        out.append(("targets", f"{targets!r}: full fine-tuning takes one of all, attention"))
+    from harness.data import CORPORA
+
+    corpora = _names(h.corpora)
+    if not corpora:
+        out.append(("corpora", "give at least one training corpus (e.g. [wiki])"))
+    for c in corpora:
+        if c not in CORPORA:
+            out.append(("corpora", f"unknown corpus {c!r}; known: {', '.join(sorted(CORPORA))}"))
+    marks = list(h.eval_every_tokens) if isinstance(h.eval_every_tokens, (list, tuple)) else [h.eval_every_tokens]
+    if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in marks):
+        out.append(("eval_every_tokens", f"{marks!r} must be a list of token counts >= 0"))
+    elif isinstance(h.tokens, int) and any(t > h.tokens for t in marks):
+        out.append(("eval_every_tokens", f"{marks!r} goes past the budget tokens={h.tokens}"))
+    return out
+
+
+HEAL_FLOAT_KEYS = ("lr", "lora_alpha", "lora_dropout", "kd_weight", "kd_temperature", "warmup_frac",
+                   "decay_frac", "weight_decay", "max_grad_norm")
+
+
+def _number(v):
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def heal_config(raw: dict | None = None, **overrides) -> HealConfig:
+    """A HealConfig with list fields made tuples (hashable, stable job ids); `none` is canonical."""
+    d = {**(raw or {}), **overrides}
+    for k in ("targets", "corpora", "eval_every_tokens"):
+        if isinstance(d.get(k), str) and k != "eval_every_tokens":
+            d[k] = (d[k],)
+        elif isinstance(d.get(k), list):
+            d[k] = tuple(d[k])
+    h = HealConfig(**d)
+    if h.mode == "none":  # every "none" is the same job, whatever else it says
+        return HealConfig()
+    if h.mode == "full" and h.targets == MLA_TARGETS:
+        import dataclasses
+
+        h = dataclasses.replace(h, targets=("all",))
+    return h
 
 
 @dataclass(frozen=True)
@@ -86,7 +217,10 @@ class JobConfig:
 
     @property
     def job_id(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        d = asdict(self)
+        if self.heal.mode == "none":  # ids from before healing existed stay valid
+            d["heal"] = {"mode": "none", "tokens": 0}
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
@@ -97,16 +231,18 @@ class JobConfig:
         if self.is_baseline:
             return f"{self.model} baseline"
         b = f"kv_save={self.budget.kv_save}" if self.budget.kv_save is not None else f"rank={self.budget.rank}"
-        return f"{self.model} {self.method.display} {b} calib={self.calib.corpus}"
+        heal = f" heal={self.heal.display}" if self.heal.mode != "none" else ""
+        return f"{self.model} {self.method.display} {b} calib={self.calib.corpus}{heal}"
 
 
 @dataclass
 class SweepConfig:
     name: str
     jobs: list[JobConfig]
-    executor: str = "serial"
+    executor: str = "serial"  # serial | ray | submitit (harness.executors)
     wandb: bool = True
     source: str = ""
+    executor_options: dict = field(default_factory=dict)  # the executor's keyword options
 
 
 # ----------------------------------------------------------------------------------- parsing
@@ -192,6 +328,26 @@ def _typed(cls, data, path, probs: _Problems):
     return obj
 
 
+def parse_executor(value, probs: _Problems) -> tuple[str, dict]:
+    """`executor: ray` or `executor: {name: ray, num_gpus: 1, ...}` -> (name, options)."""
+    from harness.executors import check_executor
+
+    if isinstance(value, str):
+        name, options = value, {}
+    elif isinstance(value, dict):
+        options = dict(value)
+        name = options.pop("name", None)
+        if name is None:
+            probs.add(("executor",), "a mapping needs name: serial | ray | submitit, e.g. {name: ray, num_gpus: 1}")
+            return "serial", {}
+    else:
+        probs.add(("executor",), f"expected an executor name or a mapping with name and options, got {value!r}")
+        return "serial", {}
+    for key, msg in check_executor(name, options):
+        probs.add(("executor",) + key, msg)
+    return name, options
+
+
 TOP_KEYS = ("name", "models", "calibration", "budgets", "methods", "baseline", "heal", "eval",
             "executor", "wandb", "device", "dtype")
 
@@ -271,10 +427,19 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None) -> Swee
     heals = raw.get("heal") or [{"mode": "none"}]
     if isinstance(heals, dict):
         heals = [heals]
-    heal_cfgs = [_typed(HealConfig, h, ("heal", i), probs) for i, h in enumerate(heals)]
-    for i, h in enumerate(heal_cfgs):
-        if h is not None and h.mode != "none":
-            probs.add(("heal", i, "mode"), f"heal mode {h.mode!r} is not available yet; use none")
+    heal_cfgs = []
+    for i, h in enumerate(heals):
+        if isinstance(h, str):
+            h = {"mode": h}
+        if isinstance(h, dict):  # YAML reads 1e-3 (no dot) as a string: accept it for number fields
+            h = {k: _number(v) if k in HEAL_FLOAT_KEYS else v for k, v in h.items()}
+        hc = _typed(HealConfig, h, ("heal", i), probs)
+        if hc is None:
+            continue
+        hc = heal_config(asdict(hc))
+        for key, msg in check_heal(hc):
+            probs.add(("heal", i, key), msg)
+        heal_cfgs.append(hc)
     ev = raw.get("eval") or {}
     ppl = _typed(PplConfig, ev.get("ppl") if isinstance(ev, dict) else None, ("eval", "ppl"), probs)
     if isinstance(ev, dict):
@@ -295,11 +460,10 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None) -> Swee
 
             if c.corpus not in CORPORA:
                 probs.add(("calibration", i, "corpus"), f"unknown corpus {c.corpus!r}; known: {', '.join(sorted(CORPORA))}")
-    executor = raw.get("executor", "serial")
-    if executor not in ("serial",):
-        probs.add(("executor",), f"unknown executor {executor!r}; available: serial")
+    executor, executor_options = parse_executor(raw.get("executor", "serial"), probs)
     probs.raise_if_any()
 
+    heal_cfgs = list(dict.fromkeys(heal_cfgs))  # one "none" however often it is listed
     evc = EvalConfig(ppl=PplConfig(**{**asdict(ppl), "domains": tuple(ppl.domains)}),
                      tasks=tuple(evc.tasks or ()), limit=evc.limit, num_fewshot=evc.num_fewshot,
                      batch_size=evc.batch_size)
@@ -314,4 +478,5 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None) -> Swee
                     for h in heal_cfgs:
                         jobs.append(JobConfig(model=model, method=m, calib=c, budget=b, heal=h, eval=evc,
                                               device=dev, dtype=dt))
-    return SweepConfig(name=name, jobs=jobs, executor=executor, wandb=bool(raw.get("wandb", True)), source=source)
+    return SweepConfig(name=name, jobs=jobs, executor=executor, wandb=bool(raw.get("wandb", True)), source=source,
+                       executor_options=executor_options)

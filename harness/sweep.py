@@ -4,16 +4,19 @@
     mla-harness sweep sweeps/quick.yaml --dry-run  # list jobs and which are done
 
 Layout: results/<sweep>/runs/<job_id>/{config.json, conversion.json, metrics.json, row.json, log.txt}
-and results/<sweep>/rows.parquet. A job writes into runs/.<job_id>.tmp-<pid>/ and renames it to
-runs/<job_id>/ only when complete, so a killed job leaves nothing that looks finished.
-A failing job is recorded (status=failed, its error) and does not stop the sweep.
+and results/<sweep>/rows.parquet. A job writes into runs/.<job_id>.tmp-<host>-<pid>/ and renames it
+to runs/<job_id>/ only when complete, so a killed job leaves nothing that looks finished; the next
+run of the sweep (or of that job) removes such leftovers. A failing job is recorded
+(runs/.<job_id>.failed/, status=failed, its error) and does not stop the sweep.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+import re
 import shutil
+import socket
 import time
 import traceback
 from dataclasses import asdict
@@ -74,6 +77,10 @@ def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = F
         budget = Budget(kv_save=job.budget.kv_save, rank=job.budget.rank)
         conversion = convert(model, job.method.name, budget, stats, **job.method.options)
         timings["factor_seconds"] = conversion["factor_seconds"]
+    healing = None
+    if job.heal.mode != "none" and not job.is_baseline:
+        healing = _heal_job(job, model, base, tok, out, sweep_name, use_wandb)
+        timings["heal_seconds"] = healing["seconds"]
     p = job.eval.ppl
     ppl = domain_perplexities(model, tok, list(p.domains), PplSpec(p.samples, p.seq_len, p.seed, p.batch_size))
     acc = kv_accounting(model)
@@ -88,6 +95,12 @@ def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = F
     row["seconds"] = time.perf_counter() - t0
     row.update(timings)
     metrics = {"ppl": ppl, "kv": acc, "tasks": task_rows, "timings": timings, "seconds": row["seconds"]}
+    if healing is not None:
+        row.update(heal_tokens=healing["tokens_seen"], heal_steps=healing["steps"],
+                   heal_loss_first=healing["loss_first"], heal_loss_last=healing["loss_last"],
+                   heal_trainable_params=healing["trainable_params"])
+        metrics["heal"] = {k: v for k, v in healing.items() if k != "log"}
+        (out / "heal_log.json").write_text(json.dumps(healing["log"], default=str))
     (out / "config.json").write_text(json.dumps(asdict(job), indent=2, default=str))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     if conversion is not None:
@@ -98,7 +111,43 @@ def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = F
         log_job(out, sweep_name, job, row, conversion, task_rows)
     if model is not base:
         del model
+    if healing is not None:  # the job is complete: its healing checkpoint is no longer needed
+        shutil.rmtree(_heal_checkpoint_dir(out, job), ignore_errors=True)
     return row
+
+
+def _heal_checkpoint_dir(out: Path, job: JobConfig) -> Path:
+    """Outside the job's temp dir (named by pid), so a restarted job resumes its healing."""
+    return out.parent / f".{job.job_id}.heal"
+
+
+def _heal_job(job: JobConfig, model, base, tok, out: Path, sweep_name: str, use_wandb: bool) -> dict:
+    """Heal the converted `model` in place (harness.heal); its W&B run (loss curve) is <job_id>-heal."""
+    from harness.evaluate import PplSpec, domain_perplexities
+    from harness.heal import heal
+
+    p = job.eval.ppl
+    ppl_spec = PplSpec(p.samples, p.seq_len, p.seed, p.batch_size)
+
+    def evaluate(m) -> dict:
+        return {f"ppl_{d}": r["ppl"] for d, r in domain_perplexities(m, tok, list(p.domains), ppl_spec).items()}
+
+    run = None
+    if use_wandb:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "mla-harness"), group=sweep_name or None,
+                         name=f"{job.describe()} (healing)", id=f"{job.job_id}-heal", job_type="heal",
+                         config=json.loads(json.dumps(asdict(job), default=str)), dir=str(out),
+                         reinit="finish_previous", resume="allow")
+    try:
+        return heal(model, tok, job.heal, teacher=base if job.heal.kd_weight > 0 else None,
+                    out_dir=_heal_checkpoint_dir(out, job), evaluate=evaluate, progress=True)
+    finally:
+        if run is not None:
+            run.finish()
 
 
 def make_row(job: JobConfig, sweep_name: str, ppl: dict, acc: dict, conversion: dict | None, task_rows: list) -> dict:
@@ -111,7 +160,7 @@ def make_row(job: JobConfig, sweep_name: str, ppl: dict, acc: dict, conversion: 
         "calib_samples": None if job.calib is None else job.calib.samples,
         "budget_kv_save": None if job.budget is None else job.budget.kv_save,
         "budget_rank": None if job.budget is None else job.budget.rank,
-        "heal": job.heal.mode, "heal_tokens": job.heal.tokens,
+        "heal": job.heal.display, "heal_mode": job.heal.mode, "heal_tokens": 0,
         "kv_save": acc["kv_save"], "cache_width": acc["cache_width"], "bytes_per_token": acc["bytes_per_token"],
         "width_min": acc["width_min"], "width_max": acc["width_max"],
     }
@@ -125,6 +174,7 @@ def make_row(job: JobConfig, sweep_name: str, ppl: dict, acc: dict, conversion: 
         row["ranks_per_layer"] = None
     for d, r in ppl.items():
         row[f"ppl_{d}"] = r["ppl"]
+    row["tasks"] = ",".join(job.eval.tasks) or None  # the requested lm-eval tasks (the leaderboard's mean)
     for t in task_rows:
         if t["metric"] in ("acc", "acc_norm", "perplexity", "word_perplexity"):
             row[f"{t['task']}/{t['metric']}"] = t["value"]
@@ -136,12 +186,66 @@ def _range(v: list[int]) -> str:
 
 
 # ---------------------------------------------------------------------------------- the sweep
+_TMP = re.compile(r"^\.(?P<job>[0-9a-f]{12})\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+_TMP_FILE = re.compile(r"^\..+\.tmp-?(?P<pid>\d+)$")  # atomic_write_text / rows.parquet leftovers
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(results: Path, job_ids: set[str] | None = None) -> list[Path]:
+    """Remove what killed processes of this host left behind: job temp dirs and temp files.
+
+    A temp dir of another host is removed only for a job in `job_ids` (one that is about to run
+    again, so its earlier attempt is over). Returns the removed paths.
+    """
+    host, removed = socket.gethostname(), []
+    runs = results / "runs"
+    for d in sorted(runs.iterdir()) if runs.exists() else []:
+        m = _TMP.match(d.name)
+        if not m or int(m["pid"]) == os.getpid():
+            continue
+        here = m["host"] in (None, host)
+        if (here and not _pid_alive(int(m["pid"]))) or (not here and job_ids and m["job"] in job_ids):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    for f in sorted(results.iterdir()) if results.exists() else []:
+        m = _TMP_FILE.match(f.name)
+        if m and f.is_file() and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+def record_failure(job: JobConfig, results: Path, sweep_name: str, msg: str, log: str = "") -> dict:
+    """Record a job that failed outside `execute_job` (its process died) as runs/.<job_id>.failed."""
+    row = {"job_id": job.job_id, "sweep": sweep_name, "status": "failed", "error": msg,
+           "model": job.model, "method": "baseline" if job.is_baseline else job.method.display}
+    tmp = results / "runs" / f".{job.job_id}.tmp-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "log.txt").write_text(log or msg)
+    atomic_write_text(tmp / "row.json", json.dumps(row, default=str))
+    failed = results / "runs" / f".{job.job_id}.failed"
+    if failed.exists():
+        shutil.rmtree(failed)
+    os.replace(tmp, failed)
+    return row
+
+
 def execute_job(job: JobConfig, results: Path, sweep_name: str, use_wandb: bool) -> dict:
     """Run one job in a temp dir and publish it atomically; failures become a failed row."""
     final = job_dir(results, job)
-    tmp = results / "runs" / f".{job.job_id}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for old in (results / "runs").glob(f".{job.job_id}.tmp-*"):  # earlier attempts of this job are over
+        shutil.rmtree(old, ignore_errors=True)
+    tmp = results / "runs" / f".{job.job_id}.tmp-{socket.gethostname()}-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
         row = run_job(job, tmp, sweep_name, use_wandb)
@@ -160,6 +264,7 @@ def execute_job(job: JobConfig, results: Path, sweep_name: str, use_wandb: bool)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    shutil.rmtree(results / "runs" / f".{job.job_id}.failed", ignore_errors=True)  # an earlier failure
     return row
 
 
@@ -202,7 +307,10 @@ def run_sweep(sweep: SweepConfig, results_root: Path = Path("results"), dry_run:
         return collect_rows(results, sweep)
     print(f"sweep {sweep.name}: {len(sweep.jobs)} jobs, {len(sweep.jobs) - len(todo)} already done, "
           f"{len(todo)} to run -> {results}", flush=True)
+    stale = clean_stale(results, {j.job_id for j in todo})
+    if stale:
+        print(f"removed {len(stale)} leftover(s) of killed runs: {', '.join(p.name for p in stale)}", flush=True)
     from harness.executors import get_executor
 
-    get_executor(sweep.executor)(todo, results, sweep.name, sweep.wandb)
+    get_executor(sweep.executor)(todo, results, sweep.name, sweep.wandb, **getattr(sweep, "executor_options", {}))
     return collect_rows(results, sweep)
