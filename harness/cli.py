@@ -190,10 +190,17 @@ def cmd_sync(a) -> int:
     return sync(Path(a.results_dir))
 
 
+def cmd_heal(a) -> int:
+    """Heal a model (optionally converting it first) with LoRA or full fine-tuning."""
+    from harness.heal import main as heal_main
+
+    return heal_main(a.args)
+
+
 COMMANDS = {
     "sweep": cmd_sweep, "convert": cmd_convert, "eval": cmd_eval, "inspect": cmd_inspect,
     "models": cmd_models, "corpora": cmd_corpora, "methods": cmd_methods,
-    "leaderboard": cmd_leaderboard, "sync": cmd_sync,
+    "leaderboard": cmd_leaderboard, "sync": cmd_sync, "heal": cmd_heal,
 }
 
 
@@ -249,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--tokens", type=int, default=64, help="tokens to generate for the measured cache bytes")
 
+    s = sub.add_parser("heal", help=cmd_heal.__doc__, add_help=False)  # --help reaches harness.heal
+    s.add_argument("args", nargs=argparse.REMAINDER, help="arguments of python -m harness.heal")
+
     add("models")
     s = add("corpora")
     s.add_argument("--no-tokens", action="store_true", help="skip token counts (no tokenizer load)")
@@ -263,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["heal"]:  # its own parser (harness.heal) owns every flag, --help included
+        argv = ["heal", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
+    if args.command == "heal" and args.args[:1] == ["--"]:
+        args.args = args.args[1:]
     if getattr(args, "limit", None) is not None and float(args.limit).is_integer():
         args.limit = int(args.limit)
     try:

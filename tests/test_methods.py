@@ -96,7 +96,7 @@ def test_bad_budgets(budget, msg):
 
 
 def test_unknown_method_and_option():
-    with pytest.raises(HarnessError, match="did you mean 'care'"):
+    with pytest.raises(HarnessError, match="Did you mean 'care'"):
         get_method("caer")
     m = tiny_model("llama")
     with pytest.raises(HarnessError, match="no option"):
