@@ -20,14 +20,11 @@ from pathlib import Path
 
 import torch
 
+from harness import cache_root
 from harness.errors import HarnessError
 from harness.models import attention_layers, weights_fingerprint
 
 STATS_VERSION = 1
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MLA_HARNESS_CACHE", Path.home() / ".cache" / "mla-harness"))
 
 
 @dataclass

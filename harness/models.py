@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness import cache_root
 from harness.errors import HarnessError
 
 # name -> (python package, pip requirement, file inside the package, description)
@@ -100,10 +101,6 @@ def describe_models() -> list[dict]:
     return rows
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("MLA_HARNESS_CACHE", Path.home() / ".cache" / "mla-harness"))
-
-
 def _embedded_dir(name: str) -> Path:
     """A plain HF directory of the embedded model, dequantized once from its GGUF file.
 
@@ -114,7 +111,7 @@ def _embedded_dir(name: str) -> Path:
 
     package, requirement, filename, _ = EMBEDDED[name]
     folder, filename = embedded_path(name)
-    target = _cache_root() / "models" / f"{name}-{version(requirement.split('==')[0])}"
+    target = cache_root() / "models" / f"{name}-{version(requirement.split('==')[0])}"
     if (target / ".complete").exists():
         return target
     from filelock import FileLock

