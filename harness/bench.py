@@ -4,9 +4,9 @@
     python -m harness.bench --suite gpu          # GPU suite: random Llama-3.1-8B shapes
     python -m harness.bench --suite cpu --contexts 2048,8192 --new-tokens 32
 
-Every figure is reported beside the original model's, measured in the same run. Each decode
-measurement runs in a fresh subprocess so its peak memory (ru_maxrss on CPU, the CUDA
-allocator's peak on GPU) belongs to that configuration alone.
+Every figure is reported beside the original model's, measured in the same run. CPU decode
+measurements run in fresh subprocesses; peak memory is the rise of the process's peak RSS over
+prefill + decode (Linux VmHWM, reset just before), or the CUDA allocator's peak on GPU.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -78,10 +77,13 @@ def decode_once(cfg: dict, model=None) -> dict:
     B, T, N = cfg["batch"], cfg["context"], cfg["new_tokens"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, min(model.config.vocab_size, 32000), (B, T), generator=g).to(device)
+    model(input_ids=ids[:, :16], use_cache=False, logits_to_keep=1)  # page in lazily loaded weights
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
+    else:
+        base_mem = _reset_peak_rss()
     cache = LatentCache(config=model.config)
     chunk = cfg.get("prefill_chunk", 4096)
     t0 = time.perf_counter()
@@ -102,8 +104,28 @@ def decode_once(cfg: dict, model=None) -> dict:
     if device == "cuda":
         res["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base_mem
     else:
-        res["peak_mem_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        res["peak_mem_bytes"] = _peak_rss() - base_mem
     return res
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the process's peak RSS (Linux clear_refs 5) and return the current RSS in bytes.
+
+    The decode's peak is then measured over inference alone, not the model load before it.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def _peak_rss() -> int:
+    return _status_kib("VmHWM") * 1024
 
 
 def _subprocess(cfg: dict) -> dict:
