@@ -80,7 +80,7 @@ def cmd_convert(a) -> int:
     budget = Budget(kv_save=a.kv_save, rank=a.rank)
     model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
     stats = None
-    if method.needs_stats:
+    if method.requires_stats(opts):
         stats = get_stats(model, tok, CalibSpec(a.calib, a.calib_samples, a.calib_seq_len, a.seed))
     rec = convert(model, a.method, budget, stats, path=a.path, **opts)
     rec["source_model"] = a.model

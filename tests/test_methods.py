@@ -109,3 +109,12 @@ def test_nan_statistics_are_refused():
     stats.cov[0, 0, 0] = math.nan
     with pytest.raises(HarnessError, match="NaN"):
         convert(m, "care", Budget(kv_save=0.5), stats)
+
+
+def test_mha2mla_needs_statistics_only_for_2norm():
+    m = get_method("mha2mla")
+    assert m.requires_stats(m.check_options({})) and not m.requires_stats(m.check_options({"selection": "low"}))
+    model = tiny_model("llama")
+    with pytest.raises(HarnessError, match="needs calibration statistics"):
+        convert(model, "mha2mla", Budget(kv_save=0.5), None)
+    convert(model, "mha2mla", Budget(kv_save=0.5), None, selection="low")

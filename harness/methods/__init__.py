@@ -22,8 +22,12 @@ from harness.errors import HarnessError
 class Method:
     name: str
     fn: Callable
-    needs_stats: bool
+    needs_stats: bool | Callable[[dict], bool]  # or a function of the resolved options
     doc: str
+
+    def requires_stats(self, opts: dict) -> bool:
+        """Whether calibration statistics are needed with these (resolved) options."""
+        return self.needs_stats(opts) if callable(self.needs_stats) else self.needs_stats
 
     @property
     def options(self) -> dict:
@@ -45,7 +49,7 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, needs_stats: bool = True):
+def register(name: str, needs_stats: bool | Callable[[dict], bool] = True):
     def deco(fn):
         doc = (inspect.getdoc(fn) or "").split("\n")[0]
         METHODS[name] = Method(name=name, fn=fn, needs_stats=needs_stats, doc=doc)
@@ -82,7 +86,7 @@ def convert(model, method: str, budget, stats=None, *, path: str = "reconstruct"
 
     m = get_method(method)
     opts = m.check_options(options)
-    if m.needs_stats and stats is None:
+    if m.requires_stats(opts) and stats is None:
         raise HarnessError(f"method '{method}' needs calibration statistics; give a calibration corpus")
     layers = attention_layers(model)
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ def select_pairs(selection: str, p: int, half: int, n_kv: int, n_h: int, layer: 
     return idx[None].expand(n_kv, -1).clone()
 
 
-@register("mha2mla", needs_stats=False)  # only the 2norm selection reads statistics
+@register("mha2mla", needs_stats=lambda opts: opts["selection"] == "2norm")  # RoPE pair norms
 def mha2mla(layers, stats, budget, *, rope_pairs: int | None = None, selection: str = "2norm",
             lowrank: str = "joint"):
     """Partial RoPE (2-norm selection) + joint SVD of the NoPE keys and the values."""
