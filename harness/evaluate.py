@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.mla.accounting import kv_summary
-from harness.mla.convert import accounted_width
+from harness.mla.convert import layer_widths
 from harness.models import attention_layers
 
 
@@ -65,14 +65,8 @@ def domain_perplexities(model, tokenizer, domains: list[str], spec: PplSpec = Pp
 
 def kv_accounting(model) -> dict:
     """Accounted cache width (elements per token over all layers) and KV save of a model."""
-    layers = attention_layers(model)
-    a0 = layers[0]
-    widths = []
-    for a in layers:
-        m = a.module
-        widths.append(m.cache_width if hasattr(m, "cache_width") else 2 * m.k_proj.out_features)
-    acc = kv_summary(widths, a0.n_kv, a0.d_h)
-    assert acc["cache_width"] == accounted_width(model), "per-layer widths disagree with the modules"
+    a0 = attention_layers(model)[0]
+    acc = kv_summary(layer_widths(model), a0.n_kv, a0.d_h)
     dtype_bytes = next(model.parameters()).element_size()
     acc["bytes_per_token"] = acc["cache_width"] * dtype_bytes
     return acc

@@ -83,13 +83,12 @@ def is_converted(model) -> bool:
     return any(isinstance(d.self_attn, MLAAttention) for d in decoder_layers(model))
 
 
+def layer_widths(model) -> list[int]:
+    """Cache width per token (elements) of each layer, from the modules themselves (DESIGN §2)."""
+    return [d.self_attn.cache_width if isinstance(d.self_attn, MLAAttention) else 2 * d.self_attn.k_proj.out_features
+            for d in decoder_layers(model)]
+
+
 def accounted_width(model) -> int:
-    """Sum over layers of the cache width per token (elements), from the modules themselves."""
-    total = 0
-    for d in decoder_layers(model):
-        a = d.self_attn
-        if isinstance(a, MLAAttention):
-            total += a.cache_width
-        else:
-            total += 2 * a.k_proj.out_features
-    return total
+    """Sum over layers of the cache width per token (elements)."""
+    return sum(layer_widths(model))
