@@ -26,6 +26,22 @@ def whitened_factor(W: torch.Tensor, r: int, S: torch.Tensor | None = None, S_in
     return down, up, sig
 
 
+def kv_biases(a) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The k/v projection biases of attention layer `a` (Qwen2), float64, or None."""
+    k, v = a.module.k_proj.bias, a.module.v_proj.bias
+    return (None if k is None else k.detach().double()), (None if v is None else v.detach().double())
+
+
+def factor_split(a, r_k: int, r_v: int, S: torch.Tensor | None = None, S_inv: torch.Tensor | None = None):
+    """Separate K and V latents of ranks r_k, r_v for attention layer `a` (an AttnLayer) in the
+    metric S (None: plain SVD); biases stay on the up-projections."""
+    from harness.mla.factors import split_factors
+
+    dk, uk, _ = whitened_factor(a.module.k_proj.weight, r_k, S, S_inv)
+    dv, uv, _ = whitened_factor(a.module.v_proj.weight, r_v, S, S_inv)
+    return split_factors(dk, uk, dv, uv, a.n_kv, a.d_h, *kv_biases(a))
+
+
 def spectrum(W: torch.Tensor, S: torch.Tensor | None = None) -> torch.Tensor:
     W = W.double()
     return torch.linalg.svdvals(W.T if S is None else S @ W.T)

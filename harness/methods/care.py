@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from harness.errors import HarnessError
 from harness.methods import register
-from harness.methods._linalg import cov_power, spectrum, waterfill, whitened_factor
-from harness.methods.svd import _bias
+from harness.methods._linalg import cov_power, factor_split, spectrum, waterfill
 from harness.mla.accounting import parity_rank, per_layer_width
-from harness.mla.factors import split_factors
 
 
 def allocate(spectra, r: int, cap: int, allocation: str, min_frac: float = 0.5, max_mult: float = 2.0):
@@ -43,7 +41,5 @@ def care(layers, stats, budget, *, allocation: str = "waterfill", power: float =
     rv = allocate(svs, w - w // 2, cap, allocation)
     out = []
     for a, (S, S_inv), r_k, r_v in zip(layers, ks, rk, rv):
-        dk, uk, _ = whitened_factor(a.module.k_proj.weight, r_k, S, S_inv)
-        dv, uv, _ = whitened_factor(a.module.v_proj.weight, r_v, S, S_inv)
-        out.append(split_factors(dk, uk, dv, uv, a.n_kv, a.d_h, _bias(a.module.k_proj), _bias(a.module.v_proj)))
+        out.append(factor_split(a, r_k, r_v, S, S_inv))
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from harness.methods import register
-from harness.methods._linalg import cov_power, spectrum, whitened_factor
+from harness.methods._linalg import cov_power, kv_biases, spectrum, whitened_factor
 from harness.methods.care import allocate
 from harness.mla.accounting import per_layer_width
 from harness.mla.factors import LayerFactors, all_rope_dims
@@ -32,11 +32,10 @@ def care_joint(layers, stats, budget, *, allocation: str = "uniform", power: flo
         down, up, _ = whitened_factor(W, r, S, S_inv)
         nk = a.n_kv * a.d_h
         rope, lat = all_rope_dims(a.n_kv, a.d_h)
-        kb, vb = a.module.k_proj.bias, a.module.v_proj.bias
+        kb, vb = kv_biases(a)
         out.append(LayerFactors(
             down=down, up_k=up[:nk], up_v=up[nk:], k_slice=(0, r), v_slice=(0, r),
             rope_dims=rope, latent_dims=lat, rope_on_latent=True,
-            k_bias=None if kb is None else kb.detach().double(),
-            v_bias=None if vb is None else vb.detach().double(), info={"r_joint": r},
+            k_bias=kb, v_bias=vb, info={"r_joint": r},
         ))
     return out

@@ -11,7 +11,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.methods import register
-from harness.methods._linalg import whitened_factor
+from harness.methods._linalg import kv_biases, whitened_factor
 from harness.mla.accounting import per_layer_width
 from harness.mla.factors import LayerFactors
 
@@ -84,12 +84,11 @@ def mha2mla(layers, stats, budget, *, rope_pairs: int | None = None, selection: 
             dv, up_v, _ = whitened_factor(Wv, r_v)
             down = torch.cat([dk, dv], 0)
             k_slice, v_slice = (0, dk.shape[0]), (dk.shape[0], dk.shape[0] + dv.shape[0])
-        kb, vb = a.module.k_proj.bias, a.module.v_proj.bias
+        kb, vb = kv_biases(a)
         out.append(LayerFactors(
             down=down, up_k=up_k, up_v=up_v, k_slice=k_slice, v_slice=v_slice,
             rope_dims=rope_dims, latent_dims=latent_dims, rope_on_latent=False, k_rope=k_rope,
-            k_bias=None if kb is None else kb.detach().double(),
-            v_bias=None if vb is None else vb.detach().double(),
+            k_bias=kb, v_bias=vb,
             info={"rope_pairs": p, "d_c": int(down.shape[0]), "selection": selection},
         ))
     return out

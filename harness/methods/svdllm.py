@@ -9,10 +9,8 @@ from __future__ import annotations
 import torch
 
 from harness.methods import register
-from harness.methods._linalg import whitened_factor
-from harness.methods.svd import _bias
+from harness.methods._linalg import factor_split
 from harness.mla.accounting import per_layer_width
-from harness.mla.factors import split_factors
 
 
 @register("svdllm")
@@ -26,7 +24,5 @@ def svdllm(layers, stats, budget, *, damping: float = 0.01):
         S = Lc.T
         S_inv = torch.linalg.solve_triangular(Lc, torch.eye(C.shape[0], dtype=C.dtype), upper=False).T
         w = per_layer_width(budget, a.n_kv, a.d_h)
-        dk, uk, _ = whitened_factor(a.module.k_proj.weight, w // 2, S, S_inv)
-        dv, uv, _ = whitened_factor(a.module.v_proj.weight, w - w // 2, S, S_inv)
-        out.append(split_factors(dk, uk, dv, uv, a.n_kv, a.d_h, _bias(a.module.k_proj), _bias(a.module.v_proj)))
+        out.append(factor_split(a, w // 2, w - w // 2, S, S_inv))
     return out
