@@ -69,23 +69,18 @@ def cmd_sweep(a) -> int:
 
 def cmd_convert(a) -> int:
     """Convert a model to MLA and save it (model + conversion.json)."""
-    from harness.calibrate import CalibSpec, get_stats
-    from harness.methods import convert, get_method
+    from harness.calibrate import CalibSpec
+    from harness.methods import calibrate_and_convert, get_method
     from harness.mla import Budget
     from harness.mla.persist import save_converted
     from harness.models import load_model
 
-    method = get_method(a.method)
-    opts = method.check_options(_parse_options(a.option))
+    opts = get_method(a.method).check_options(_parse_options(a.option))  # bad options fail before loading
     budget = Budget(kv_save=a.kv_save, rank=a.rank)
     model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
-    stats = None
-    if method.requires_stats(opts):
-        stats = get_stats(model, tok, CalibSpec(a.calib, a.calib_samples, a.calib_seq_len, a.seed))
-    rec = convert(model, a.method, budget, stats, path=a.path, **opts)
+    rec = calibrate_and_convert(model, tok, a.method, budget, CalibSpec(a.calib, a.calib_samples, a.calib_seq_len, a.seed),
+                                path=a.path, **opts)
     rec["source_model"] = a.model
-    if stats is not None:
-        rec["calibration"] = stats.meta
     save_converted(model, tok, Path(a.out))
     acc = rec["accounting"]
     print(f"converted {a.model} with {a.method} ({budget.label()}): cache width {acc['cache_width']} of "

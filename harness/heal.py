@@ -547,17 +547,18 @@ def _main(a) -> int:
     model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
     teacher = None
     if a.method:
-        from harness.calibrate import CalibSpec, get_stats
+        from harness.calibrate import CalibSpec
         from harness.cli import _parse_options
-        from harness.methods import convert
+        from harness.methods import calibrate_and_convert
         from harness.mla import Budget
 
         if (a.kv_save is None) == (a.rank is None):
             raise HarnessError("--method needs one of --kv-save or --rank")
-        stats = get_stats(model, tok, CalibSpec(a.calib, a.calib_samples, a.calib_seq_len, 0), progress=not a.quiet)
         if spec.kd_weight > 0:
             teacher = copy.deepcopy(model)
-        convert(model, a.method, Budget(kv_save=a.kv_save, rank=a.rank), stats, **_parse_options(a.option))
+        calibrate_and_convert(model, tok, a.method, Budget(kv_save=a.kv_save, rank=a.rank),
+                              CalibSpec(a.calib, a.calib_samples, a.calib_seq_len, 0), progress=not a.quiet,
+                              **_parse_options(a.option))
     elif spec.kd_weight > 0:
         raise HarnessError("--kd-weight > 0 needs the original model: give --model ORIGINAL --method ... to convert here")
     if not is_converted(model) and spec.mode == "lora":

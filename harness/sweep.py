@@ -57,9 +57,9 @@ def _base_model(job: JobConfig):
 
 def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = False) -> dict:
     """Load, calibrate, convert, score one job; write its files into `out`; return its row."""
-    from harness.calibrate import CalibSpec, get_stats
+    from harness.calibrate import CalibSpec
     from harness.evaluate import PplSpec, domain_perplexities, kv_accounting
-    from harness.methods import convert
+    from harness.methods import calibrate_and_convert
     from harness.mla import Budget
 
     t0 = time.perf_counter()
@@ -70,12 +70,13 @@ def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = F
         model = base
     else:
         c = job.calib
-        stats = get_stats(base, tok, CalibSpec(c.corpus, c.samples, c.seq_len, c.seed))
-        timings["stats_seconds"] = stats.meta["seconds"]
-        timings["stats_cached"] = stats.meta["cached"]
         model = copy.deepcopy(base)
         budget = Budget(kv_save=job.budget.kv_save, rank=job.budget.rank)
-        conversion = convert(model, job.method.name, budget, stats, **job.method.options)
+        conversion = calibrate_and_convert(model, tok, job.method.name, budget,
+                                           CalibSpec(c.corpus, c.samples, c.seq_len, c.seed), **job.method.options)
+        if "calibration" in conversion:  # methods that need no statistics (svd) skip the pass
+            timings["stats_seconds"] = conversion["calibration"]["seconds"]
+            timings["stats_cached"] = conversion["calibration"]["cached"]
         timings["factor_seconds"] = conversion["factor_seconds"]
     healing = None
     if job.heal.mode != "none" and not job.is_baseline:

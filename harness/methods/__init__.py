@@ -108,6 +108,26 @@ def convert(model, method: str, budget, stats=None, *, path: str = "reconstruct"
     return model.config.mla_conversion
 
 
+def calibrate_and_convert(model, tokenizer, method: str, budget, calib, *, path: str = "reconstruct",
+                          progress: bool = True, **options):
+    """Load or collect the statistics the method needs with these options, then `convert`.
+
+    Args:
+        calib: a `harness.calibrate.CalibSpec` (used only when the method needs statistics).
+    Returns:
+        the conversion record; its "calibration" entry holds the statistics' meta when they were used.
+    """
+    from harness.calibrate import get_stats
+
+    m = get_method(method)
+    opts = m.check_options(options)
+    stats = get_stats(model, tokenizer, calib, progress=progress) if m.requires_stats(opts) else None
+    record = convert(model, method, budget, stats, path=path, **opts)
+    if stats is not None:
+        record["calibration"] = stats.meta
+    return record
+
+
 import torch  # noqa: E402
 
 from harness.methods import svd, care, care_joint, mha2mla, asvd, svdllm  # noqa: E402,F401  (fill the registry)
