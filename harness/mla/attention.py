@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from harness.mla.factors import LayerFactors
 
@@ -175,8 +176,6 @@ class MLAAttention(nn.Module):
         return k.transpose(1, 2), v.view(B, S, n_kv, d_h).transpose(1, 2)
 
     def _reconstruct(self, q, c, kr, cos, sin, attention_mask, S, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         k, v = self.rebuild_kv(c, kr)
         q = _rope(q, cos, sin, self._q_mask)
         # Keys span all S cached positions; the model's rotary module gave cos/sin for the T new
