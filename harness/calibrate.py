@@ -22,7 +22,7 @@ import torch
 
 from harness import cache_root
 from harness.errors import HarnessError
-from harness.models import attention_layers, weights_fingerprint
+from harness.arch import attention_layers, weights_fingerprint
 
 STATS_VERSION = 1
 

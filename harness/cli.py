@@ -127,7 +127,8 @@ def cmd_inspect(a) -> int:
 
 def cmd_models(a) -> int:
     """Embedded models (loadable offline) and whether their package is installed."""
-    from harness.models import SUPPORTED_TYPES, describe_models
+    from harness.arch import SUPPORTED_TYPES
+    from harness.models import describe_models
 
     for r in describe_models():
         print(f"{r['name']:14s} {'installed' if r['installed'] else 'MISSING  '}  {r['package']:22s} {r['description']}")

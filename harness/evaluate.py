@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from harness.mla.accounting import kv_summary
 from harness.mla.convert import layer_widths
-from harness.models import attention_layers
+from harness.arch import attention_layers
 
 
 @dataclass(frozen=True)

@@ -10,21 +10,19 @@ A model spec is one of
   * a path to a ``.gguf`` file;
   * a hub id (``HuggingFaceTB/SmolLM2-135M``), which works where a hub is reachable.
 
-The architecture adapter (`attention_layers`) is the only place that knows where attention lives
-in each supported family; everything downstream works on `AttnLayer` records.
+Where attention lives in each supported family is `harness.arch`'s business.
 """
 from __future__ import annotations
 
 import difflib
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from harness import cache_root
+from harness.arch import SUPPORTED_TYPES, check_supported
 from harness.errors import HarnessError
 
 # name -> (python package, pip requirement, file inside the package, description)
@@ -36,25 +34,6 @@ EMBEDDED: dict[str, tuple[str, str, str, str]] = {
         "SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 kv heads, d_h 64), GGUF Q4_1 dequantized",
     ),
 }
-
-# HF model_type values whose attention the MLA module supports (same q/k/v/o layout).
-SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
-
-
-@dataclass
-class AttnLayer:
-    """What the conversion needs to know about one attention layer."""
-
-    index: int
-    module: nn.Module  # the attention module (original or MLA)
-    n_h: int  # query heads
-    n_kv: int  # key/value heads
-    d_h: int  # head dim
-    hidden: int  # D, the k/v projection input width
-    qk_norm: bool  # Qwen3 / Gemma3 normalise q and k per head before RoPE
-    kv_bias: bool  # Qwen2 has biases on q/k/v
-    sliding_window: int | None
-
 
 def _package_dir(package: str, requirement: str, what: str) -> Path:
     spec = importlib.util.find_spec(package)
@@ -210,56 +189,3 @@ def load_model(spec: str, device: str | None = None, dtype: str | torch.dtype | 
     model.to(dev).eval()
     model.config.mla_harness_source = str(spec)
     return model, tokenizer
-
-
-def check_supported(model) -> None:
-    mt = getattr(model.config, "model_type", None)
-    if mt not in SUPPORTED_TYPES:
-        raise HarnessError(
-            f"model type '{mt}' is not supported yet; supported: {', '.join(SUPPORTED_TYPES)} "
-            "(add an adapter in harness/models.py: where the decoder layers are and their attention)"
-        )
-
-
-def decoder_layers(model) -> nn.ModuleList:
-    """The decoder layers of a supported causal LM (all supported families use model.model.layers)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise HarnessError(f"cannot find decoder layers in {type(model).__name__}; add an adapter in harness/models.py")
-    return layers
-
-
-def attention_layers(model) -> list[AttnLayer]:
-    """One `AttnLayer` per decoder layer, in order."""
-    check_supported(model)
-    cfg = model.config
-    n_h = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_h
-    d_h = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_h
-    out = []
-    for i, layer in enumerate(decoder_layers(model)):
-        attn = layer.self_attn
-        q_proj = attn.q_proj
-        out.append(AttnLayer(
-            index=i, module=attn, n_h=n_h, n_kv=n_kv, d_h=d_h, hidden=cfg.hidden_size,
-            qk_norm=hasattr(attn, "k_norm"), kv_bias=q_proj.bias is not None,
-            sliding_window=getattr(attn, "sliding_window", None),
-        ))
-    return out
-
-
-def weights_fingerprint(model) -> str:
-    """A cheap, stable fingerprint of the k/v-relevant weights (for statistics cache keys)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    h.update(str(model.config.model_type).encode())
-    h.update(str(model.config.num_hidden_layers).encode())
-    # Every parameter feeds some layer's k/v input, so all are sampled (strided: cheap, and any
-    # real change of weights, e.g. healing or another checkpoint, changes the samples).
-    for name, p in model.named_parameters():
-        t = p.detach().flatten()
-        h.update(name.encode())
-        h.update(t[:: max(1, t.numel() // 1024)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]

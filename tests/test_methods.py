@@ -11,7 +11,7 @@ from harness.methods.care import care
 from harness.methods.mha2mla import select_pairs
 from harness.methods.svd import svd
 from harness.mla import Budget, per_layer_width
-from harness.models import attention_layers
+from harness.arch import attention_layers
 from tiny import tiny_model, tiny_stats
 
 

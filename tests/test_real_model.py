@@ -36,11 +36,14 @@ def test_statistics_are_cached(smollm):
 def test_full_rank_conversion_reproduces_logits(smollm, method):
     model, tok, stats = smollm
     x = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
-    ref = model(x).logits
-    m = copy.deepcopy(model)
+    # float64: the factors are computed in float64, so at full rank the only error left is
+    # rounding; fp32 logits of a 30-layer model already differ by ~1e-4 from summation order.
+    ref_model = copy.deepcopy(model).double()
+    ref = ref_model(x).logits
+    m = copy.deepcopy(ref_model)
     opts = {"rope_pairs": 32} if method == "mha2mla" else {}
     convert(m, method, Budget(rank=192), stats, **opts)
-    assert (m(x).logits - ref).abs().max() <= 1e-4
+    assert (m(x).logits - ref).abs().max() <= 1e-8
 
 
 def test_care_keeps_quality_where_svd_collapses(smollm):

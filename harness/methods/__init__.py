@@ -82,7 +82,7 @@ def convert(model, method: str, budget, stats=None, *, path: str = "reconstruct"
 
     from harness.mla.accounting import kv_summary
     from harness.mla.convert import apply_conversion
-    from harness.models import attention_layers
+    from harness.arch import attention_layers
 
     m = get_method(method)
     opts = m.check_options(options)

@@ -7,7 +7,7 @@ import torch
 
 from harness.mla.attention import MLAAttention
 from harness.mla.factors import LayerFactors
-from harness.models import attention_layers, decoder_layers
+from harness.arch import attention_layers, decoder_layers
 
 
 def layer_record(f: LayerFactors) -> dict:

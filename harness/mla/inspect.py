@@ -5,7 +5,8 @@ import torch
 
 from harness.mla.attention import MLAAttention
 from harness.mla.cache import LatentCache, cache_bytes
-from harness.models import decoder_layers, load_model
+from harness.arch import decoder_layers
+from harness.models import load_model
 
 
 @torch.no_grad()

@@ -65,7 +65,7 @@ def load_converted(path: Path, device=None, dtype=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from harness.mla.convert import apply_conversion, empty_factors
-    from harness.models import attention_layers
+    from harness.arch import attention_layers
 
     path = Path(path)
     if not (path / WEIGHTS).exists():
