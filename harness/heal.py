@@ -59,7 +59,8 @@ BETAS = (0.9, 0.95)  # MHA2MLA's AdamW betas
 
 # ----------------------------------------------------------------------------------- data
 def training_windows(tokenizer, spec: HealSpec, n: int) -> torch.Tensor:
-    """`n` training windows (n, seq_len): equal shares of each corpus's calib split, shuffled together."""
+    """`n` training windows (n, seq_len), BOS in front where the tokenizer adds one (n, 1 + seq_len):
+    equal shares of each corpus's calib split, shuffled together."""
     from harness.data import token_windows
 
     corpora = list(spec.corpora)
@@ -74,20 +75,22 @@ def training_windows(tokenizer, spec: HealSpec, n: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------- loss
 def heal_loss(logits: torch.Tensor, ids: torch.Tensor, teacher_logits: torch.Tensor | None = None,
-              kd_weight: float = 0.0, temperature: float = 1.0):
+              kd_weight: float = 0.0, temperature: float = 1.0, skip: int = 0):
     """Next-token CE, plus kd_weight * T^2 * KL(teacher || student) at temperature T when a teacher is given.
 
     Args:
         logits / teacher_logits: (B, T, V); ids: (B, T), position t predicts ids[:, t + 1].
+        skip: leading positions whose prediction is not a target (1 when ids[:, 0] is a BOS put in
+            front of a window cut mid-document: what follows a BOS there is no document's start).
     Returns:
         (loss, ce, kd) as 0-dim tensors (kd is None without teacher logits).
     """
     V = logits.shape[-1]
-    s = logits[:, :-1].float().reshape(-1, V)  # (B*(T-1), V)
-    ce = F.cross_entropy(s, ids[:, 1:].reshape(-1))
+    s = logits[:, skip:-1].float().reshape(-1, V)  # (B*(T-1-skip), V)
+    ce = F.cross_entropy(s, ids[:, 1 + skip:].reshape(-1))
     if teacher_logits is None:
         return ce, ce, None
-    t = teacher_logits[:, :-1].float().reshape(-1, V)
+    t = teacher_logits[:, skip:-1].float().reshape(-1, V)
     T = temperature
     kd = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
                   reduction="batchmean") * T * T  # mean over tokens of the per-token KL
@@ -227,11 +230,14 @@ def heal(model, tokenizer, spec: HealSpec, *, teacher=None, out_dir: str | Path 
         raise HarnessError(f"tokens={spec.tokens} is less than one optimizer step (batch_size*grad_accum*seq_len "
                            f"= {tps}); raise tokens or lower batch_size/grad_accum/seq_len")
     micro = spec.batch_size * spec.grad_accum
+    from harness.data import adds_bos
+
+    skip = int(adds_bos(tokenizer))  # windows start with BOS: its prediction is not a target
     if windows is None:
         windows = training_windows(tokenizer, spec, steps * micro)
-    elif windows.shape[0] < steps * micro or windows.shape[1] != spec.seq_len:
-        raise HarnessError(f"windows {tuple(windows.shape)} are too few or not seq_len={spec.seq_len} long: "
-                           f"{steps} steps need ({steps * micro}, {spec.seq_len})")
+    elif windows.shape[0] < steps * micro or windows.shape[1] != spec.seq_len + skip:
+        raise HarnessError(f"windows {tuple(windows.shape)} are too few or not seq_len={spec.seq_len} "
+                           f"(+1 for BOS) long: {steps} steps need ({steps * micro}, {spec.seq_len + skip})")
     if evaluate is None and spec.eval_every_tokens:
         evaluate = _default_evaluate(tokenizer, list(spec.corpora))
     converted = is_converted(model)
@@ -311,7 +317,7 @@ def heal(model, tokenizer, spec: HealSpec, *, teacher=None, out_dir: str | Path 
                     if spec.kd_weight > 0:
                         with torch.no_grad():
                             t_logits = teacher(input_ids=ids, use_cache=False).logits
-                loss, ce, kd = heal_loss(logits, ids, t_logits, spec.kd_weight, spec.kd_temperature)
+                loss, ce, kd = heal_loss(logits, ids, t_logits, spec.kd_weight, spec.kd_temperature, skip)
                 (loss / spec.grad_accum).backward()
                 loss_sum += loss.item() / spec.grad_accum
                 ce_sum += ce.item() / spec.grad_accum

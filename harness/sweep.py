@@ -58,6 +58,7 @@ def _base_model(job: JobConfig):
 def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = False) -> dict:
     """Load, calibrate, convert, score one job; write its files into `out`; return its row."""
     from harness.calibrate import CalibSpec
+    from harness.data import adds_bos
     from harness.evaluate import PplSpec, domain_perplexities, kv_accounting
     from harness.methods import calibrate_and_convert
     from harness.mla import Budget
@@ -93,6 +94,7 @@ def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = F
                                    batch_size=job.eval.batch_size, num_fewshot=job.eval.num_fewshot,
                                    out_dir=out)
     row = make_row(job, sweep_name, ppl, acc, conversion, task_rows)
+    row["bos"] = adds_bos(tok)  # windows (calibration, perplexity, healing) start with the tokenizer's BOS
     row["seconds"] = time.perf_counter() - t0
     row.update(timings)
     metrics = {"ppl": ppl, "kv": acc, "tasks": task_rows, "timings": timings, "seconds": row["seconds"]}

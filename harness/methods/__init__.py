@@ -118,11 +118,13 @@ def calibrate_and_convert(model, tokenizer, method: str, budget, calib, *, path:
         the conversion record; its "calibration" entry holds the statistics' meta when they were used.
     """
     from harness.calibrate import get_stats
+    from harness.data import adds_bos
 
     m = get_method(method)
     opts = m.check_options(options)
     stats = get_stats(model, tokenizer, calib, progress=progress) if m.requires_stats(opts) else None
     record = convert(model, method, budget, stats, path=path, **opts)
+    record["bos"] = adds_bos(tokenizer)  # calibration windows (and every scored window) start with BOS
     if stats is not None:
         record["calibration"] = stats.meta
     return record
