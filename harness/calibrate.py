@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from harness import cache_root
+from harness.paths import cache_root
 from harness.errors import HarnessError
 from harness.arch import attention_layers, weights_fingerprint
 

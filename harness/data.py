@@ -95,6 +95,17 @@ def get_corpus(name: str) -> CorpusSpec:
     raise HarnessError(f"unknown corpus {name}; known: {', '.join(list_corpora())}{hint}")
 
 
+def corpus_problem(name) -> str | None:
+    """Why `name` is not a usable corpus name (one line naming the fix), or None when it is."""
+    if not isinstance(name, str):
+        return f"expected a corpus name, got {name!r}; known: {', '.join(list_corpora())}"
+    try:
+        get_corpus(name)
+    except HarnessError as e:
+        return str(e)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Locating data packages
 

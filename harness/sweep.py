@@ -12,6 +12,7 @@ run of the sweep (or of that job) removes such leftovers. A failing job is recor
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from harness.config import JobConfig, SweepConfig
+from harness.specs import JobConfig, SweepConfig
 from harness.errors import HarnessError
 
 
@@ -181,6 +182,8 @@ def make_row(job: JobConfig, sweep_name: str, ppl: dict, acc: dict, conversion: 
     for t in task_rows:
         if t["metric"] in ("acc", "acc_norm", "perplexity", "word_perplexity"):
             row[f"{t['task']}/{t['metric']}"] = t["value"]
+            if t.get("stderr") is not None:
+                row[f"{t['task']}/{t['metric']}_stderr"] = t["stderr"]
     return row
 
 
@@ -227,7 +230,7 @@ def clean_stale(results: Path, job_ids: set[str] | None = None) -> list[Path]:
     return removed
 
 
-def record_failure(job: JobConfig, results: Path, sweep_name: str, msg: str, log: str = "") -> dict:
+def record_failure(job: JobConfig, msg: str, *, results: Path, sweep_name: str, log: str = "") -> dict:
     """Record a job that failed outside `execute_job` (its process died) as runs/.<job_id>.failed."""
     row = {"job_id": job.job_id, "sweep": sweep_name, "status": "failed", "error": msg,
            "model": job.model, "method": "baseline" if job.is_baseline else job.method.display}
@@ -315,5 +318,8 @@ def run_sweep(sweep: SweepConfig, results_root: Path = Path("results"), dry_run:
         print(f"removed {len(stale)} leftover(s) of killed runs: {', '.join(p.name for p in stale)}", flush=True)
     from harness.executors import get_executor
 
-    get_executor(sweep.executor)(todo, results, sweep.name, sweep.wandb, **getattr(sweep, "executor_options", {}))
+    results = results.resolve()  # workers may run elsewhere
+    run = functools.partial(execute_job, results=results, sweep_name=sweep.name, use_wandb=sweep.wandb)
+    fail = functools.partial(record_failure, results=results, sweep_name=sweep.name)
+    get_executor(sweep.executor)(todo, run, fail, results, **sweep.executor_options)
     return collect_rows(results, sweep)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config import HealConfig, parse_sweep
+from harness.config import parse_sweep
+from harness.specs import HealConfig
 from harness.errors import HarnessError
 from harness.heal import HealSpec, attach_lora, heal, heal_loss, lr_multiplier, merge_lora
 from harness.methods import convert
@@ -209,7 +210,7 @@ def test_run_job_heals_and_reports(converted, tmp_path, monkeypatch):
     import harness.evaluate
     import harness.heal
     import harness.sweep as sweep
-    from harness.config import BudgetConfig, CalibConfig, EvalConfig, JobConfig, MethodConfig, PplConfig, heal_config
+    from harness.specs import BudgetConfig, CalibConfig, EvalConfig, JobConfig, MethodConfig, PplConfig, heal_config
 
     base = tiny_model("llama")
     stats = tiny_stats(base)

@@ -11,6 +11,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.methods import register
+from harness.options import Annotated, Literal, Range
 from harness.methods._linalg import kv_biases, whitened_factor
 from harness.mla.accounting import per_layer_width
 from harness.mla.factors import LayerFactors
@@ -40,8 +41,9 @@ def select_pairs(selection: str, p: int, half: int, n_kv: int, n_h: int, layer: 
 
 
 @register("mha2mla", needs_stats=lambda opts: opts["selection"] == "2norm")  # RoPE pair norms
-def mha2mla(layers, stats, budget, *, rope_pairs: int | None = None, selection: str = "2norm",
-            lowrank: str = "joint"):
+def mha2mla(layers, stats, budget, *, rope_pairs: Annotated[int, Range(min=1)] | None = None,
+            selection: Literal["2norm", "high", "low", "uniform"] = "2norm",
+            lowrank: Literal["joint", "split"] = "joint"):
     """Partial RoPE (2-norm selection) + joint SVD of the NoPE keys and the values."""
     if lowrank not in ("joint", "split"):
         raise HarnessError(f"unknown mha2mla lowrank '{lowrank}'; use joint or split")
