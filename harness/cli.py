@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from harness import publish
 from harness.errors import HarnessError
 
 
@@ -198,6 +199,7 @@ COMMANDS = {
     "models": cmd_models, "corpora": cmd_corpora, "methods": cmd_methods,
     "leaderboard": cmd_leaderboard, "sync": cmd_sync, "heal": cmd_heal,
 }
+COMMANDS["publish"] = publish.cmd_publish  # the site over many sweeps (harness.publish)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib figures)")
     s = add("sync")
     s.add_argument("results_dir", help="uploads every offline W&B run below it")
+    publish.add_parser(sub)
     return p
 
 
