@@ -55,11 +55,10 @@ def find_sweeps(root: Path) -> list[Sweep]:
         raise HarnessError(f"RESULTS_ROOT {root} is not a folder; pass the folder that holds the sweeps' results "
                            "(e.g. results, after mla-harness sweep sweeps/quick.yaml)")
     found = []
-    for f in sorted(root.rglob("rows.parquet")):
-        rel = f.parent.relative_to(root)
-        if any(p.startswith(".") or p == "runs" for p in rel.parts) or _is_site(f.parent):
-            continue
-        found.append(f.parent)
+    for d, subdirs, files in os.walk(root):  # runs/ (job folders) and hidden folders are never entered
+        subdirs[:] = sorted(x for x in subdirs if x != "runs" and not x.startswith("."))
+        if "rows.parquet" in files and not _is_site(Path(d)):
+            found.append(Path(d))
     if not found:
         raise HarnessError(f"no sweep under {root}: no <sweep>/rows.parquet there; run a sweep first "
                            "(mla-harness sweep sweeps/quick.yaml --results " + str(root) + ")")
@@ -69,7 +68,8 @@ def find_sweeps(root: Path) -> list[Sweep]:
         try:
             rows = pd.read_parquet(folder / "rows.parquet")
         except Exception as e:  # a truncated or foreign file: say which, before anything is written
-            raise HarnessError(f"cannot read {folder / 'rows.parquet'} ({type(e).__name__}: {e}); rerun that "
+            why = " ".join(str(e).split())[:200]  # one line, whatever the reader said
+            raise HarnessError(f"cannot read {folder / 'rows.parquet'} ({type(e).__name__}: {why}); rerun that "
                                "sweep to rewrite it, or remove the folder") from None
         slug = base = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace("/", "__")).strip("._") or "sweep"
         n = 1
