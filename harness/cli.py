@@ -270,6 +270,15 @@ def cmd_leaderboard(a) -> int:
     return 0
 
 
+def cmd_publish(a) -> int:
+    """Build one static site (index, a page per sweep, Pareto plot) over every sweep under RESULTS_ROOT."""
+    from harness.publish import publish
+
+    r = publish(Path(a.results_root), Path(a.out))
+    print(f"published {r['sweeps']} sweep(s), {r['rows']} rows -> {r['index']}")
+    return 0
+
+
 def cmd_sync(a) -> int:
     """Upload offline W&B runs under a results directory (wraps `wandb sync`)."""
     from harness.track import sync
@@ -280,7 +289,7 @@ def cmd_sync(a) -> int:
 COMMANDS = {
     "sweep": cmd_sweep, "convert": cmd_convert, "eval": cmd_eval, "inspect": cmd_inspect, "heal": cmd_heal,
     "models": cmd_models, "corpora": cmd_corpora, "methods": cmd_methods,
-    "leaderboard": cmd_leaderboard, "sync": cmd_sync,
+    "leaderboard": cmd_leaderboard, "publish": cmd_publish, "sync": cmd_sync,
 }
 
 
@@ -440,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("leaderboard")
     s.add_argument("results_dir", help="a sweep's results folder, e.g. results/quick")
     s.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib figures)")
+    s = add("publish")
+    s.add_argument("results_root", help="folder holding the sweeps' results (each <sweep>/rows.parquet), e.g. results")
+    s.add_argument("--out", default="site", help="site folder to (re)build (default: site/)")
     s = add("sync")
     s.add_argument("results_dir", help="uploads every offline W&B run below it")
     return p
