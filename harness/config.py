@@ -25,7 +25,7 @@ from harness.options import parse_assignments
 from harness.specs import (BudgetConfig, CalibConfig, EvalConfig, HealConfig, JobConfig, MethodConfig, PplConfig,
                            SweepConfig, check_fields, heal_config)
 
-TOP_KEYS = ("name", "models", "calibration", "budgets", "methods", "baseline", "heal", "eval",
+TOP_KEYS = ("name", "models", "calibration", "budgets", "methods", "baseline", "heal", "heal_baseline", "eval",
             "executor", "wandb", "device", "dtype")
 OVERRIDE = "--set"  # what the problems of an override are reported against, instead of a file line
 
@@ -105,6 +105,18 @@ def typed(cls, data, path, probs: Problems):
     problems = obj.problems() if hasattr(obj, "problems") else check_fields(obj)
     probs.extend(path, problems)
     return None if problems else obj
+
+
+def _count(v):
+    """Token counts may be written 20M, 300k or 1.5e6 in a sweep file."""
+    if isinstance(v, str):
+        t = v.strip().lower().replace("_", "")
+        scale = {"k": 1_000, "m": 1_000_000}.get(t[-1:], 1)
+        try:
+            return int(round(float(t[:-1] if scale > 1 else t) * scale))
+        except ValueError:
+            return v
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def _number(v):
@@ -215,7 +227,11 @@ def _heals(raw, probs) -> list[HealConfig]:
             h = {"mode": h}
         if isinstance(h, dict):
             h = {k: _number(v) if k in float_keys else [v] if k in ("targets", "corpora") and isinstance(v, str)
-                 else v for k, v in h.items()}
+                 else _count(v) if k == "tokens" else [_count(t) for t in v]
+                 if k == "eval_every_tokens" and isinstance(v, list) else v for k, v in h.items()}
+            if isinstance(h.get("corpora"), dict):  # {wiki: 0.4, chat: 0.6}: corpora with their token shares
+                h["weights"] = [_number(w) for w in h["corpora"].values()]
+                h["corpora"] = list(h["corpora"])
             if h.get("mode") == "full" and "targets" not in h:  # full fine-tuning's default scope
                 h["targets"] = ["all"]
         hc = typed(HealConfig, h, ("heal", i), probs)
@@ -311,9 +327,16 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None,
 
     dev, dt = raw.get("device"), raw.get("dtype")
     jobs: list[JobConfig] = []
+    # The fair control of healing (DESIGN §10): the unconverted model trained with the same recipe on the
+    # same tokens, so "recovered" is measured against the original fine-tuned on that data.
+    heal_baseline = raw.get("heal_baseline", True)
     for model in models:
         if raw.get("baseline", True):
             jobs.append(JobConfig(model=model, method=None, calib=None, budget=None, eval=evc, device=dev, dtype=dt))
+            for h in heal_cfgs if heal_baseline else ():
+                if h.mode != "none":
+                    jobs.append(JobConfig(model=model, method=None, calib=None, budget=None, heal=h, eval=evc,
+                                          device=dev, dtype=dt))
         for c in calibs:
             for b in budgets:
                 for m in methods:

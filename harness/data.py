@@ -313,6 +313,15 @@ def load_documents(name: str, split: str) -> list[str]:
     return list(_splits(name)[split])
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A stable hash of what the tokenizer does (vocabulary, merges, special tokens, BOS default):
+    the key of anything cached from its token ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    text += json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, adds_bos(tokenizer)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts its BOS token in front of text by default.
 

@@ -31,6 +31,7 @@ LoRA is merged with `merge_and_unload` at the end: the model is again a plain co
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -56,19 +57,46 @@ BETAS = (0.9, 0.95)  # MHA2MLA's AdamW betas
 
 
 # ----------------------------------------------------------------------------------- data
+def corpus_shares(spec: HealSpec, n: int) -> list[int]:
+    """Windows per corpus: `spec.weights` as token shares (empty: equal), largest remainders rounded up."""
+    k = len(spec.corpora)
+    w = [float(x) for x in spec.weights] if spec.weights else [1.0] * k
+    exact = [n * x / sum(w) for x in w]
+    shares = [int(e) for e in exact]
+    for i in sorted(range(k), key=lambda i: exact[i] - shares[i], reverse=True)[: n - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
 def training_windows(tokenizer, spec: HealSpec, n: int) -> torch.Tensor:
     """`n` training windows (n, seq_len), BOS in front where the tokenizer adds one (n, 1 + seq_len):
-    equal shares of each corpus's calib split, shuffled together."""
-    from harness.data import token_windows
+    each corpus's calib split in its share (`corpus_shares`), packed (documents joined with EOS and cut
+    into windows), shuffled together.
 
-    corpora = list(spec.corpora)
-    k = len(corpora)
-    shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    The windows of a large budget take a while to tokenize (20M tokens: ~30 s), and every run of a
+    healing sweep (the converted models and the fine-tuned original) trains on the same ones, so they
+    are cached under $MLA_HARNESS_CACHE/windows, keyed by the spec's data fields and the tokenizer.
+    """
+    from harness.data import token_windows, tokenizer_fingerprint
+    from harness.paths import cache_root
+
+    shares = corpus_shares(spec, n)
+    key = hashlib.sha256(json.dumps({"corpora": list(spec.corpora), "shares": shares, "seq_len": spec.seq_len,
+                                      "seed": spec.seed, "offset": SEED_OFFSET,
+                                      "tokenizer": tokenizer_fingerprint(tokenizer)}).encode()).hexdigest()[:20]
+    path = cache_root() / "windows" / f"{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
     parts = [token_windows(tokenizer, c, "calib", m, spec.seq_len, seed=spec.seed + SEED_OFFSET)
-             for c, m in zip(corpora, shares) if m]
+             for c, m in zip(spec.corpora, shares) if m]
     w = torch.cat(parts)  # (n, seq_len)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(spec.seed))
-    return w[perm]
+    w = w[perm].contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(w, tmp)
+    os.replace(tmp, path)
+    return w
 
 
 # ----------------------------------------------------------------------------------- loss
@@ -115,10 +143,21 @@ def lr_multiplier(step: int, steps: int, schedule: str = "cosine", warmup_frac: 
 
 
 # ----------------------------------------------------------------------------------- trainables
+# On an unconverted model (the fine-tuned-original control of a healing sweep) the MLA projections
+# do not exist; their counterparts are the original key and value projections.
+ORIGINAL_COUNTERPART = {"down": ("k_proj", "v_proj"), "up_k": ("k_proj",), "up_v": ("v_proj",), "k_rope_proj": ("k_proj",)}
+
+
 def present_targets(model, names) -> list[str]:
-    """The attention submodule names (of `names`) that exist in `model`."""
+    """The attention submodule names (of `names`) that exist in `model`; on an unconverted model the
+    MLA targets stand for k_proj / v_proj, so the control trains the same kind of adapters."""
     have = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if ".self_attn." in n}
-    return [t for t in names if t in have]
+    out = []
+    for t in names:
+        for c in (t,) if t in have else ORIGINAL_COUNTERPART.get(t, ()):
+            if c in have and c not in out:
+                out.append(c)
+    return out
 
 
 def attach_lora(model, spec: HealSpec):
@@ -450,6 +489,8 @@ def _result(run: _Run, resumed_from: int, loop_seconds: float, seconds: float) -
         "loss_last": sum(r["loss"] for r in log[-10:]) / len(log[-10:]) if log else None,
         "trainable_params": sum(p.numel() for p in run.trainable.values()),
         "cache_width": run.width,
+        # which tokens it trained on: equal for every run of a healing sweep, its controls included
+        "windows_sha": hashlib.sha256(run.windows.cpu().numpy().tobytes()).hexdigest()[:16],
         "curve": run.curve, "log": log,
     }
 

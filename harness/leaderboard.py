@@ -28,14 +28,30 @@ ID_COLS = ["model", "method", "budget", "calib", "heal"]
 
 
 # ---------------------------------------------------------------------------------- the frame
+def reference_rows(df: pd.DataFrame) -> pd.Series:
+    """For each row, the index of the baseline row it is compared with: the same model, unconverted,
+    trained with the same healing where the sweep has that control (a healed conversion is measured
+    against the original fine-tuned on the same tokens, DESIGN §10), else the untrained original."""
+    heal = (df["heal"] if "heal" in df else pd.Series("none", index=df.index)).fillna("none").replace("-", "none")
+    base = df[df["method"] == "baseline"]
+    by_key = {(m, h): i for i, m, h in zip(base.index, base["model"], heal[base.index])}  # the last row wins
+    return pd.Series([by_key.get((m, h), by_key.get((m, "none"))) for m, h in zip(df["model"], heal)],
+                     index=df.index, dtype="object")
+
+
+def _against(df: pd.DataFrame, col: str) -> pd.Series:
+    """Each row's value of `col` divided by its reference row's (`reference_rows`)."""
+    ref = reference_rows(df)
+    values = df[col].to_dict()
+    return pd.Series([v / values[r] if r is not None and pd.notna(r) else float("nan")
+                      for v, r in zip(df[col], ref)], index=df.index)
+
+
 def _with_ratios(df: pd.DataFrame) -> pd.DataFrame:
-    """Finished rows, with ratio_<domain> = ppl / the same model's baseline ppl."""
+    """Finished rows, with ratio_<domain> = ppl / the reference baseline's ppl (`reference_rows`)."""
     df = df[df["status"] == "ok"].copy() if "status" in df else df.copy()
-    ppl_cols = [c for c in df.columns if c.startswith("ppl_")]
-    base = df[df["method"] == "baseline"].drop_duplicates("model", keep="last").set_index("model")
-    for c in ppl_cols:
-        if c in base:
-            df[c.replace("ppl_", "ratio_")] = df[c] / df["model"].map(base[c])
+    for c in [c for c in df.columns if c.startswith("ppl_")]:
+        df[c.replace("ppl_", "ratio_")] = _against(df, c)
     return df
 
 
@@ -79,12 +95,12 @@ def _paired(df: pd.DataFrame, results: Path, shown: list[str]) -> pd.DataFrame:
                             if f.exists() and meta.exists() else None)
         return docs[job_id]
 
-    base_ids = df[df["method"] == "baseline"].drop_duplicates("model", keep="last").set_index("model")["job_id"]
+    refs = reference_rows(df)
     out = pd.DataFrame(index=df.index)
     for i, r in df.iterrows():
-        if r["method"] == "baseline" or r["model"] not in base_ids:
+        if refs[i] is None or refs[i] == i or pd.isna(refs[i]):
             continue
-        b, c = load(base_ids[r["model"]]), load(r["job_id"])
+        b, c = load(df.loc[refs[i], "job_id"]), load(r["job_id"])
         if b is None or c is None:
             continue
         names = _asked(r, shown)
@@ -133,8 +149,7 @@ def leaderboard_frame(df: pd.DataFrame, all_columns: bool = False, results: Path
     extra = []
     if shown:
         df[["acc_mean", "acc_mean_stderr"]] = df.apply(_mean_acc, axis=1, shown=shown)
-        base = df[df["method"] == "baseline"].drop_duplicates("model", keep="last").set_index("model")["acc_mean"]
-        df["acc_ratio"] = df["acc_mean"] / df["model"].map(base)
+        df["acc_ratio"] = _against(df, "acc_mean")
         if results is not None and "job_id" in df:
             paired = _paired(df, results, shown)
             for c in paired.columns:
@@ -264,7 +279,7 @@ def make_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     for model, m in ok.groupby("model", sort=True):
         slug = _slug(model)
         conv = m[m["method"] != "baseline"]
-        base = m[m["method"] == "baseline"]
+        base = m[(m["method"] == "baseline") & m["heal"].isin(["none", "-"])]
         several_calib = conv["calib"].nunique() > 1
         conv = conv.assign(series=conv.apply(_series_label, axis=1, several_calib=several_calib))
         # perplexity vs KV save

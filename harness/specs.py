@@ -165,9 +165,11 @@ class HealConfig:
     batch_size: int = 8  # windows per micro-batch
     seq_len: int = 256  # tokens per training window
     grad_accum: int = 1  # micro-batches per optimizer step
-    corpora: tuple[str, ...] = ("wiki",)  # training mix: equal shares of each corpus's calib split
+    corpora: tuple[str, ...] = ("wiki",)  # training mix: the calib split of each corpus, packed into windows
+    weights: tuple[float, ...] = ()  # token share of each of corpora (empty: equal shares)
     seed: int = 0  # data order, LoRA init and dropout
-    eval_every_tokens: tuple[int, ...] = ()  # token counts at which to measure perplexity (the curve), e.g. 0,50k,100k
+    eval_every_tokens: tuple[int, ...] = ()  # token counts at which to measure the recovery curve, e.g. 0,5M,20M
+    curve_tasks: bool = False  # the curve also scores the job's lm-eval tasks at each mark (not only perplexity)
 
     CHOICES: ClassVar[dict] = {"mode": HEAL_MODES, "schedule": HEAL_SCHEDULES}
     LIMITS: ClassVar[dict] = {
@@ -203,6 +205,9 @@ class HealConfig:
             out.append(("targets", f"{list(self.targets)!r}: full fine-tuning takes one of all, attention"))
         if not self.corpora:
             out.append(("corpora", "give at least one training corpus (e.g. [wiki])"))
+        if self.weights and (len(self.weights) != len(self.corpora)
+                             or any(not isinstance(w, (int, float)) or w <= 0 for w in self.weights)):
+            out.append(("weights", f"{list(self.weights)!r}: give one share > 0 per corpus of {list(self.corpora)}"))
         if any(isinstance(t, int) and t < 0 for t in self.eval_every_tokens):
             out.append(("eval_every_tokens", f"{list(self.eval_every_tokens)!r} must be token counts >= 0"))
         elif isinstance(self.tokens, int) and any(isinstance(t, int) and t > self.tokens
@@ -218,7 +223,7 @@ def heal_config(raw: dict | None = None, **overrides) -> HealConfig:
     for k in ("targets", "corpora"):
         if isinstance(d.get(k), str):
             d[k] = (d[k],)
-    for k in ("targets", "corpora", "eval_every_tokens"):
+    for k in ("targets", "corpora", "eval_every_tokens", "weights"):
         if isinstance(d.get(k), list):
             d[k] = tuple(d[k])
     h = HealConfig(**d)

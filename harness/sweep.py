@@ -69,7 +69,7 @@ def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = F
     timings = {}
     conversion = None
     if job.is_baseline:
-        model = base
+        model = base if job.heal.mode == "none" else copy.deepcopy(base)  # the fine-tuned-original control
     else:
         c = job.calib
         model = copy.deepcopy(base)
@@ -81,7 +81,7 @@ def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = F
             timings["stats_cached"] = conversion["calibration"]["cached"]
         timings["factor_seconds"] = conversion["factor_seconds"]
     healing = None
-    if job.heal.mode != "none" and not job.is_baseline:
+    if job.heal.mode != "none":
         healing = _heal_job(job, model, base, tok, out, sweep_name, use_wandb)
         timings["heal_seconds"] = healing["seconds"]
     p = job.eval.ppl
@@ -134,7 +134,19 @@ def _heal_job(job: JobConfig, model, base, tok, out: Path, sweep_name: str, use_
     ppl_spec = PplSpec(p.samples, p.seq_len, p.seed, p.batch_size)
 
     def evaluate(m) -> dict:
-        return {f"ppl_{d}": r["ppl"] for d, r in domain_perplexities(m, tok, list(p.domains), ppl_spec).items()}
+        """The recovery curve's point: perplexity per domain, and with heal.curve_tasks the job's lm-eval
+        tasks (each task's acc and their plain mean, as in the leaderboard)."""
+        out = {f"ppl_{d}": r["ppl"] for d, r in domain_perplexities(m, tok, list(p.domains), ppl_spec).items()}
+        if job.heal.curve_tasks and job.eval.tasks:
+            from harness.lmeval import run_lm_eval
+
+            rows, _ = run_lm_eval(m, tok, list(job.eval.tasks), limit=job.eval.limit,
+                                  batch_size=job.eval.batch_size, num_fewshot=job.eval.num_fewshot)
+            accs = {t["task"]: t["value"] for t in rows if t["metric"] == "acc" and t["task"] in job.eval.tasks}
+            out.update({f"{t}/acc": v for t, v in accs.items()})
+            if accs:
+                out["acc_mean"] = sum(accs.values()) / len(accs)
+        return out
 
     run = None
     if use_wandb:
