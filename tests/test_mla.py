@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from harness.errors import HarnessError
 from harness.methods import convert
 from harness.mla import Budget, LatentCache, accounted_width, cache_bytes, set_path
 from tiny import ARCHS, tiny_model, tiny_stats
@@ -11,7 +12,8 @@ from tiny import ARCHS, tiny_model, tiny_stats
 FULL = 64  # parity rank per K and V: n_kv * d_h = 2 * 32
 METHODS = [("svd", {}), ("care", {"allocation": "uniform"}), ("care", {"allocation": "waterfill"}),
            ("care_joint", {}), ("asvd", {}), ("svdllm", {}), ("mha2mla", {"rope_pairs": 16}),
-           ("mha2mla", {"rope_pairs": 16, "lowrank": "split"})]
+           ("mha2mla", {"rope_pairs": 16, "lowrank": "split"}), ("care_mla", {"rope_pairs": 16}),
+           ("care_mla", {"rope_pairs": 16, "allocation": "waterfill"})]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -45,7 +47,7 @@ def test_decode_matches_prefill_at_low_rank_and_paths_agree(arch):
     base = tiny_model(arch)
     stats = tiny_stats(base)
     x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
-    for method, opts in [("care", {}), ("mha2mla", {"rope_pairs": 2})]:
+    for method, opts in [("care", {}), ("mha2mla", {"rope_pairs": 2}), ("care_mla", {"rope_pairs": 2})]:
         m = copy.deepcopy(base)
         convert(m, method, Budget(kv_save=0.5), stats, **opts)
         pre = m(x).logits
@@ -65,7 +67,7 @@ def test_decode_matches_prefill_at_low_rank_and_paths_agree(arch):
 def test_absorbed_refused_where_it_cannot_apply():
     m = tiny_model("llama")
     convert(m, "care", Budget(kv_save=0.5), tiny_stats(m))
-    with pytest.raises(ValueError, match="absorbed"):
+    with pytest.raises(HarnessError, match="absorbed decode path does not apply.*RoPE on keys rebuilt"):
         set_path(m, "absorbed")
 
 
@@ -96,3 +98,58 @@ def test_generate_with_latent_cache_holds_accounted_bytes():
     T = out.shape[1] - 1
     assert cache.bytes_held() == accounted_width(m) * T * 4
     assert accounted_width(m) == 64  # 25% of 2 layers x 2*n_kv*d_h = 256
+
+
+NO_KNORM = ("llama", "qwen2", "mistral")
+
+
+def _check_both_paths(m, ref, x, tol=1e-4):
+    """Prefill and token-by-token decode through the latent cache, reconstruct then absorbed, equal `ref`."""
+    for path in ("reconstruct", "absorbed"):
+        set_path(m, path)
+        assert (m(x).logits - ref).abs().max() <= tol, f"{path} prefill"
+        dec, _ = _decode(m, x)
+        assert (dec - ref).abs().max() <= tol, f"{path} decode"
+
+
+@pytest.mark.parametrize("arch", NO_KNORM)
+def test_care_mla_full_rank_reproduces_original_on_both_paths(arch):
+    """All pairs keep RoPE (rope_pairs = d_h/2): the sqrt-C-whitened latent then serves V alone and must be exact."""
+    base = tiny_model(arch)
+    stats = tiny_stats(base)
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+    m = copy.deepcopy(base)
+    convert(m, "care_mla", Budget(rank=FULL), stats, rope_pairs=16)
+    _check_both_paths(m, base(x).logits, x)
+
+
+@pytest.mark.parametrize("arch", NO_KNORM)
+def test_care_mla_full_rank_partial_rope_equals_mha2mla_on_both_paths(arch):
+    """With p < d_h/2 pairs the model itself changes (NoPE dims lose RoPE: MHA2MLA's partial RoPE), so the
+    reference is mha2mla at full rank; care_mla's whitened latent (NoPE keys + values) must reproduce it."""
+    base = tiny_model(arch)
+    stats = tiny_stats(base)
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    ref_m = copy.deepcopy(base)
+    convert(ref_m, "mha2mla", Budget(rank=FULL), stats, rope_pairs=2)
+    ref = ref_m(x).logits
+    assert (ref - base(x).logits).abs().max() > 1e-3, "partial RoPE must change the model"
+    m = copy.deepcopy(base)
+    rec = convert(m, "care_mla", Budget(rank=FULL), stats, rope_pairs=2)
+    assert rec["accounting"]["kv_save"] == 0.0 and all(l["d_c"] == 120 for l in rec["layers"])  # 2*28 + 64
+    _check_both_paths(m, ref, x)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_care_mla_on_qk_norm_models_reconstructs_and_refuses_absorbed(arch):
+    base = tiny_model(arch)
+    stats = tiny_stats(base)
+    x = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(6))
+    m = copy.deepcopy(base)
+    with pytest.raises(HarnessError, match="absorbed decode path does not apply.*q/k-norm.*reconstruct"):
+        convert(m, "care_mla", Budget(kv_save=0.5), stats, path="absorbed")
+    assert not any(type(d.self_attn).__name__ == "MLAAttention" for d in m.model.layers), "nothing half-converted"
+    convert(m, "care_mla", Budget(rank=FULL), stats, rope_pairs=16)
+    assert (m(x).logits - base(x).logits).abs().max() <= 1e-4
+    with pytest.raises(HarnessError, match="q/k-norm"):
+        set_path(m, "absorbed")

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from harness.errors import HarnessError
 from harness.mla.factors import LayerFactors
 
 
@@ -114,16 +115,27 @@ class MLAAttention(nn.Module):
         return self.rank + (self.k_rope_proj.out_features if self.k_rope_proj is not None else 0)
 
     def supports_absorbed(self) -> bool:
-        return (not self.rope_on_latent) and self.k_norm is None and self.attn_logit_softcapping is None
+        return self.absorbed_obstacle() is None
+
+    def absorbed_obstacle(self) -> str | None:
+        """Why this layer cannot take the absorbed path, or None when it can."""
+        if self.rope_on_latent:
+            return ("this conversion puts RoPE on keys rebuilt from the latent (svd/care/care_joint/asvd/svdllm), "
+                    "so up_k cannot fold into the query; convert with mha2mla or care_mla")
+        if self.k_norm is not None:
+            return ("this model normalises each key head (q/k-norm: Qwen3, Gemma3), which mixes the latent and "
+                    "RoPE dims, so up_k cannot fold into the query")
+        if self.attn_logit_softcapping is not None:
+            return "this model soft-caps attention logits"
+        return None
 
     def check_path(self, path: str) -> None:
         if path not in ("reconstruct", "absorbed"):
-            raise ValueError(f"unknown MLA decode path '{path}'; use reconstruct or absorbed")
-        if path == "absorbed" and not self.supports_absorbed():
-            raise ValueError(
-                "the absorbed path needs NoPE latent keys and no k-norm (mha2mla on Llama/Qwen2/Mistral); "
-                "use path='reconstruct' for this conversion"
-            )
+            raise HarnessError(f"unknown MLA decode path '{path}'; use reconstruct or absorbed")
+        why = self.absorbed_obstacle() if path == "absorbed" else None
+        if why:
+            raise HarnessError(f"the absorbed decode path does not apply: {why}; use path 'reconstruct' "
+                               "(--path reconstruct) for this model and conversion")
 
     # ----------------------------------------------------------------------------- forward
     # Absorption pays off when few new tokens attend to a long latent; prefill goes through the
