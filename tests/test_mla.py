@@ -153,3 +153,62 @@ def test_care_mla_on_qk_norm_models_reconstructs_and_refuses_absorbed(arch):
     assert (m(x).logits - base(x).logits).abs().max() <= 1e-4
     with pytest.raises(HarnessError, match="q/k-norm"):
         set_path(m, "absorbed")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rope_keys_are_cached_rotated_like_the_original_keys(arch):
+    """The cached RoPE keys are the original's post-RoPE keys on the kept dims (bias included), at
+    every position: rotated once when written, never again."""
+    base = tiny_model(arch)
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(7))
+    _, ref_cache = _decode(base, x)
+    # kv_save 0.5, 2 pairs: layer 0 sees the original's input; full rank with every pair: all layers do
+    for budget, pairs, n_layers in ((Budget(kv_save=0.5), 2, 1), (Budget(rank=FULL), 16, 2)):
+        m = copy.deepcopy(base)
+        convert(m, "mha2mla", budget, None, selection="low", rope_pairs=pairs)
+        _, cache = _decode(m, x)
+        for layer, ref_layer, dec in list(zip(cache.layers, ref_cache.layers, m.model.layers))[:n_layers]:
+            rope_dims = dec.self_attn.rope_dims  # (n_kv, 2p)
+            B, n_kv, S, d_h = ref_layer.keys.shape
+            want = ref_layer.keys.gather(3, rope_dims[None, :, None, :].expand(B, -1, S, -1))  # (B, n_kv, S, 2p)
+            got = layer.values.view(B, S, n_kv, -1).transpose(1, 2)
+            assert (got - want).abs().max() <= 1e-5
+
+
+class _NoTables(torch.nn.Module):
+    def forward(self, *a, **k):
+        raise AssertionError("position tables rebuilt for the cached keys")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_decoding_with_nope_latent_never_rebuilds_position_tables(arch):
+    """Absorbed and (no k-norm) reconstruct decoding read the cached RoPE keys as they are: the
+    rotary module is never asked for the cached positions' tables, and no position_ids are needed."""
+    base = tiny_model(arch)
+    x = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(8))
+    m = copy.deepcopy(base)
+    convert(m, "care_mla", Budget(kv_save=0.5), tiny_stats(base))
+    ref = m(x).logits
+    for dec in m.model.layers:
+        dec.self_attn.bind_rotary(_NoTables(), None)
+    for path in ("reconstruct", "absorbed"):
+        set_path(m, path)
+        out, _ = _decode(m, x)
+        assert (out - ref).abs().max() <= 1e-4, path
+
+
+def test_static_cache_decoding_holds_accounted_bytes_on_both_paths():
+    """A transformers StaticCache holds the latent and RoPE keys: bytes = accounted width x slots."""
+    from transformers import StaticCache
+
+    base = tiny_model("qwen2")
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(9))
+    m = copy.deepcopy(base)
+    convert(m, "care_mla", Budget(kv_save=0.5), tiny_stats(base))
+    pre = m(x).logits
+    for path in ("reconstruct", "absorbed"):
+        set_path(m, path)
+        cache = StaticCache(config=m.config, max_cache_len=16)
+        dec, _ = _decode(m, x, cache)
+        assert (dec - pre).abs().max() <= 1e-4, path
+        assert cache_bytes(cache) == accounted_width(m) * 16 * 2 * 4
