@@ -322,7 +322,10 @@ class MLAAttention(nn.Module):
             scores = scores + (q_r.reshape(B, n_kv, g * T, -1) @ k_r).view(B, n_h, T, S)
         scores = scores * self.scaling
         scores = scores + _additive_mask(attention_mask, T, S, scores, self.sliding_window)
-        p = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+        p = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
+        # A query with nothing to attend (a left-pad token) gets zeros, not NaN: NaN would reach the
+        # next layer's latent at that slot and, through 0 * NaN, every query that masks it.
+        p = p.nan_to_num(0.0).to(q.dtype)
         o_lat = torch.einsum("bhts,bsr->bhtr", p, c[..., self.v_slice[0]:self.v_slice[1]])  # (B, n_h, T, r_v)
         return self._apply_up_v(o_lat)
 
