@@ -402,6 +402,11 @@ def _measure(fn, model, label: dict, B: int, T: int, N: int, weight_bytes: int, 
             row["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
     except torch.OutOfMemoryError:
         row["oom"] = True
+    except Exception as e:  # keep the other rows: report the failure in the table and the log
+        import traceback
+
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     finally:
         if device == "cuda":
             gc.collect()
@@ -472,14 +477,15 @@ def gpu_table(rows: list[dict], total_mem: int | None) -> str:
              "cache bytes/token | peak mem |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     best = {}
     for r in rows:
-        if r["model"] == "original" and not r.get("oom"):
+        if r["model"] == "original" and "decode_tok_s" in r:
             k = (r["batch"], r["context"])
             best[k] = max(best.get(k, 0.0), r["decode_tok_s"])
     fits = f"does not fit in {total_mem / 2**30:.1f} GiB" if total_mem else "does not fit"
     for r in rows:
         head = f"| {r['model']} | {r['decode']} | {r['batch']} | {r['context']} "
-        if r.get("oom"):
-            lines.append(head + f"| OOM ({fits}) | - | {r['floor_tok_s']:.0f} | - | - | {r['cache_bytes_per_token']} | - |")
+        if r.get("oom") or r.get("error"):
+            what = f"OOM ({fits})" if r.get("oom") else f"ERROR ({r['error']})"
+            lines.append(head + f"| {what} | - | {r['floor_tok_s']:.0f} | - | - | {r['cache_bytes_per_token']} | - |")
             continue
         ref = best.get((r["batch"], r["context"]))
         vs = f"{r['decode_tok_s'] / ref:.2f}x" if ref else "original OOM"
