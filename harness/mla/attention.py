@@ -304,6 +304,8 @@ class MLAAttention(nn.Module):
         q_lat, q_r = self._absorbed_queries(q, cos, sin)
         keep = _keep_row(attention_mask, B, S, self.sliding_window, c.device)
         fn = {"auto": latent_decode, "torch": latent_decode_reference, "triton": latent_decode_triton}[self.decode_kernel]
+        if fn is latent_decode and torch.is_grad_enabled() and q_lat.requires_grad:
+            fn = latent_decode_reference  # the kernel has no backward; the reference is differentiable
         o_lat = fn(q_lat[:, :, 0], None if q_r is None else q_r[:, :, 0],
                    c[..., self.k_slice[0]:self.k_slice[1]], c[..., self.v_slice[0]:self.v_slice[1]],
                    kr if q_r is not None else None, self.scaling, keep, kv_len)  # (B, n_h, r_v)
