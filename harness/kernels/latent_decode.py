@@ -274,6 +274,8 @@ def latent_decode_triton(q_lat, q_rope, c_k, c_v, k_rope, scale: float, keep=Non
     else:
         q_rope, k_rope = q_lat, c_k  # unused placeholders (HAS_ROPE is off)
     DRF = k_rope.shape[-1] if has_rope else 0
+    keep = keep.to(dev) if keep is not None else None  # no-ops for tensors already there (graph-safe)
+    kv_len = kv_len.to(dev) if kv_len is not None else None
     keep_u8 = keep.view(torch.uint8) if keep is not None and keep.dtype == torch.bool else keep
     s_keepb = 0 if keep_u8 is None or keep_u8.shape[0] == 1 else keep_u8.stride(0)
     s_len = 0 if kv_len is None or kv_len.numel() == 1 else kv_len.stride(0)
