@@ -131,3 +131,4 @@ def calibrate_and_convert(model, tokenizer, method: str, budget, calib, *, path:
 import torch  # noqa: E402
 
 from harness.methods import svd, care, care_joint, mha2mla, asvd, svdllm  # noqa: E402,F401  (fill the registry)
+from harness.methods import care_mla  # noqa: E402,F401
