@@ -80,7 +80,15 @@ def cmd_sweep(a) -> int:
     if a.no_wandb:
         sweep.wandb = False
     results = Path(a.results) / sweep.name
-    df = run_sweep(sweep, Path(a.results), dry_run=a.dry_run)
+    shard = None
+    if a.shard:
+        try:
+            i, n = (int(x) for x in a.shard.split("/"))
+            assert 0 <= i < n
+        except (ValueError, AssertionError):
+            raise HarnessError(f"--shard {a.shard!r}: give I/N with 0 <= I < N, e.g. --shard 0/4") from None
+        shard = (i, n)
+    df = run_sweep(sweep, Path(a.results), dry_run=a.dry_run, shard=shard)
     if a.dry_run or not len(df):
         return 0
     failed = int((df["status"] != "ok").sum()) if "status" in df else 0
@@ -401,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-wandb", action="store_true", help="do not log W&B runs")
     s.add_argument("--no-leaderboard", action="store_true",
                    help="do not write leaderboard.{md,csv,html} and plots/ at the end")
+    s.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only jobs I, I+N, I+2N, ... (N processes split a sweep; rerun without it to collect)")
 
     s = add("convert")
     _model_args(s)

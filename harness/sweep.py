@@ -313,17 +313,26 @@ def collect_rows(results: Path, sweep: SweepConfig | None = None):
 
 
 def run_sweep(sweep: SweepConfig, results_root: Path = Path("results"), dry_run: bool = False,
-              only_missing: bool = True) -> "pd.DataFrame":  # noqa: F821
-    """Run every job of `sweep` not already finished; return the collected rows."""
+              only_missing: bool = True, shard: tuple[int, int] | None = None) -> "pd.DataFrame":  # noqa: F821
+    """Run every job of `sweep` not already finished; return the collected rows.
+
+    Args:
+        shard: (i, n): run only the jobs whose position in the sweep is i modulo n, so that n
+            processes (on one GPU that a small model leaves mostly idle, or on n machines sharing the
+            results folder) split a sweep without a scheduler; every job still publishes atomically,
+            and a last unsharded run collects the rows and skips what is done.
+    """
     results = results_root / sweep.name
     (results / "runs").mkdir(parents=True, exist_ok=True)
-    todo = [j for j in sweep.jobs if not (only_missing and is_done(results, j))]
+    mine = [j for k, j in enumerate(sweep.jobs) if shard is None or k % shard[1] == shard[0]]
+    todo = [j for j in mine if not (only_missing and is_done(results, j))]
     if dry_run:
         for j in sweep.jobs:
             print(f"{j.job_id}  {'done ' if is_done(results, j) else 'to do'}  {j.describe()}")
         print(f"{len(sweep.jobs)} jobs, {len(sweep.jobs) - len(todo)} done, {len(todo)} to run -> {results}")
         return collect_rows(results, sweep)
-    print(f"sweep {sweep.name}: {len(sweep.jobs)} jobs, {len(sweep.jobs) - len(todo)} already done, "
+    part = f" (shard {shard[0]}/{shard[1]}: {len(mine)} of them)" if shard else ""
+    print(f"sweep {sweep.name}: {len(sweep.jobs)} jobs{part}, {len(mine) - len(todo)} already done, "
           f"{len(todo)} to run -> {results}", flush=True)
     stale = clean_stale(results, {j.job_id for j in todo})
     if stale:
