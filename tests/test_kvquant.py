@@ -111,3 +111,18 @@ def test_held_bytes_of_a_plain_cache_is_its_tensors(models):
     cache = LatentCache(config=model.config)
     model(torch.randint(0, 128, (1, 5)), past_key_values=cache, use_cache=True)
     assert held_bytes(cache) == cache_bytes(cache) == full_bytes_per_token(model) * 5
+
+
+def test_chunked_perplexity_is_the_single_pass_one_and_sees_the_quantized_cache(models):
+    from harness.evaluate import chunked_perplexity, perplexity
+
+    model = models["latent"]
+    w = torch.randint(0, 128, (3, 50), generator=torch.Generator().manual_seed(0))
+    for bos in (False, True):
+        single, chunked = perplexity(model, w, bos=bos), chunked_perplexity(model, w, chunk=7, batch_size=2, bos=bos)
+        assert chunked["tokens"] == single["tokens"] == 3 * (49 - bos)
+        assert chunked["nll"] == pytest.approx(single["nll"], abs=1e-5)
+    nll = {bits: chunked_perplexity(model, w, lambda b=bits: make_cache(model, KVQuantSpec(bits=b, group=32, residual=4)),
+                                    chunk=7)["nll"] for bits in (8, 2)}
+    exact = chunked_perplexity(model, w, chunk=7)["nll"]
+    assert 0 < abs(nll[8] - exact) < abs(nll[2] - exact)

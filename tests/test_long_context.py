@@ -156,3 +156,15 @@ def test_length_scores_have_stderr_and_skip_lengths_not_run():
     assert rows["g", "1024"]["stderr"] == pytest.approx(math.sqrt(0.5**2 + 0) / 2)
     assert rows["g", "4096"]["value"] == 1.0 and raw["k-length"]["g"] == {"1024": 2, "4096": 1}
     assert ("a", "4096") not in rows  # -1: not run
+
+
+def test_long_perplexities_per_domain_and_length(tiny_llama, smollm_tokenizer):
+    from harness.evaluate import LongPplSpec, long_perplexities, perplexity
+    from harness.data import token_windows
+
+    spec = LongPplSpec(seq_lens=(64, 128), samples=2, chunk=48)
+    got = long_perplexities(tiny_llama, smollm_tokenizer, ["wiki", "prose"], spec)
+    assert set(got) == {"wiki@64", "wiki@128", "prose@64", "prose@128"}
+    windows = token_windows(smollm_tokenizer, "prose", "eval", 2, 128, 1)
+    assert got["prose@128"]["tokens"] == 2 * 127
+    assert got["prose@128"]["nll"] == pytest.approx(perplexity(tiny_llama, windows)["nll"], abs=1e-5)
