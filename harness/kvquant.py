@@ -1,7 +1,7 @@
 """Quantized KV caches, for the original attention and for the MLA latent alike (HQQ int8/int4/int2).
 
     from harness.kvquant import KVQuantSpec, make_cache, held_bytes, bytes_per_token
-    spec = KVQuantSpec(bits=4, group=64)
+    spec = KVQuantSpec(bits=4, group=64)      # harness.specs.KVQuantSpec, re-exported here
     cache = make_cache(model, spec)
     model.generate(ids, past_key_values=cache, max_new_tokens=32)
     held_bytes(cache)                 # what the cache really holds: codes + scales/zeros + residual window
@@ -40,7 +40,6 @@ cache quantization; generation (RULER) and chunked perplexity (harness.evaluate)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,34 +48,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 from harness.arch import attention_layers
 from harness.errors import HarnessError
 from harness.mla.attention import MLAAttention
+from harness.specs import KVQuantSpec
 
-BITS = (8, 4, 2)
 HQQ = "hqq==0.2.8.post1"
-
-
-@dataclass(frozen=True)
-class KVQuantSpec:
-    """How a KV cache is quantized (`kv_quant:` in a sweep)."""
-
-    bits: int = 8  # 8, 4 or 2 bits per cached element
-    group: int = 64  # at most this many channels of one token and head share a scale and a zero
-    residual: int = 128  # newest tokens kept at full precision (transformers' residual_length)
-
-    @property
-    def label(self) -> str:
-        return f"int{self.bits}-g{self.group}"
-
-
-def check_spec(spec: KVQuantSpec) -> list[tuple[str, str]]:
-    """Every problem of a spec as (key, message); empty when it is valid."""
-    out = []
-    if spec.bits not in BITS:
-        out.append(("bits", f"{spec.bits!r} is not supported; use one of {', '.join(map(str, BITS))}"))
-    for key in ("group", "residual"):
-        v = getattr(spec, key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            out.append((key, f"{v!r} must be a positive integer"))
-    return out
+KV_CONTEXT = 4096  # context at which a row's bytes_per_token spreads the full-precision window
 
 
 def group_layout(width: int, group: int, bits: int) -> tuple[int, int]:
@@ -241,7 +216,7 @@ def make_cache(model, spec: KVQuantSpec) -> QuantizedKVCache:
     Raises:
         HarnessError: a bad spec, or a model with sliding-window layers (its window is not kept).
     """
-    problems = check_spec(spec)
+    problems = spec.problems()
     if problems:
         raise HarnessError("bad kv_quant: " + "; ".join(f"{k}: {m}" for k, m in problems))
     _quantizer()
@@ -317,7 +292,8 @@ def generate_split(prompt_tokens: int, new_tokens: int, spec: KVQuantSpec) -> tu
     return prompt_tokens + fed - window, window
 
 
-def bytes_per_token(model, spec: KVQuantSpec | None, context: int = 4096, dtype_bytes: int | None = None) -> float:
+def bytes_per_token(model, spec: KVQuantSpec | None, context: int = KV_CONTEXT,
+                    dtype_bytes: int | None = None) -> float:
     """Cache bytes per token at `context` tokens: quantized bytes + the full window spread over them.
 
     The window is counted full (`spec.residual` tokens, its largest size) and amortised over the
