@@ -84,6 +84,8 @@ def pareto_plot(df: pd.DataFrame, cols: list[str], path: Path, title: str = "") 
         ax.plot(100 * front["kv_bytes_fraction"], front[col], "-", color="0.4", lw=1, zorder=0,
                 label="Pareto frontier")
         ax.set_xscale("log")
+        if not higher_is_better(col):  # perplexities span orders of magnitude across methods
+            ax.set_yscale("log")
         ax.set_xlabel("KV-cache bytes per token, % of the original (log)")
         ax.set_ylabel(col + ("" if higher_is_better(col) else " (lower is better)"))
         ax.grid(alpha=0.3)
