@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # sweeps/long-context.yaml on one GPU in under 8 minutes: its 18 jobs split over 12 processes that share
 # the GPU (small-batch decoding is launch-bound, so processes overlap), each part stopped at $LIMIT
-# seconds; then one collect over all jobs, the leaderboard and the report. Job ids are the full
-# sweep's (a part only narrows the grid), so a rerun resumes and `mla-harness sweep` sees them as done.
-#   OUT=/some/dir bash sweeps/long-context-gpu.sh   # -> $OUT/results/long-context/{REPORT.md,leaderboard.*,rows.parquet}
+# seconds; then one collect over all jobs, the leaderboard and the report, copied into $OUT. Job ids
+# are the full sweep's (a part only narrows the grid) and results live in $RESULTS (outside $OUT), so
+# running the script again on the same machine resumes: finished jobs are skipped.
+#   OUT=/some/dir bash sweeps/long-context-gpu.sh   # -> $OUT/long-context/{REPORT.md,leaderboard.*,rows.parquet,runs/}
 set -u
 OUT=${OUT:?set OUT to the output folder}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 export MLA_HARNESS_CACHE=${MLA_HARNESS_CACHE:-/tmp/mla-harness-cache}  # benchmarks, statistics: not in $OUT
 PY=${PY:-python}
 S=sweeps/long-context.yaml
-R=$OUT/results
+R=${RESULTS:-/tmp/long-context-results}  # kept between calls on a warm machine: a rerun resumes
 LIMIT=${LIMIT:-400}
 Q8='{bits: 8, group: 64, residual: 128}'
 Q4='{bits: 4, group: 64, residual: 128}'
@@ -34,4 +35,5 @@ wait
 "$PY" -m harness sweep "$S" --results "$R" --dry-run > "$OUT/logs/collect.log" 2>&1  # rows.parquet of all jobs
 "$PY" -m harness leaderboard "$R/long-context" > "$OUT/logs/leaderboard.log" 2>&1
 "$PY" -m harness.reports.longctx "$R/long-context" --machine "${MACHINE:-one lent GPU, bf16, 12 processes sharing it}"
-grep -h "^\s*\[" "$OUT"/logs/*.log | sort | uniq -c | sort -rn | head -30  # [ok] / [failed] per job
+cp -r "$R/long-context" "$OUT/"
+grep -ho "\[\(ok\|failed\)\] [^|]*" "$OUT"/logs/*.log | sort  # what finished, what failed

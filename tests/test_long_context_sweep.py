@@ -155,7 +155,8 @@ def test_gpu_script_parts_cover_the_sweep_exactly(tmp_path, with_care_mla):
     dump.chmod(0o755)
     out = tmp_path / "out"
     subprocess.run(["bash", str(ROOT / "sweeps" / "long-context-gpu.sh")], cwd=ROOT, check=True, capture_output=True,
-                   env={"OUT": str(out), "PY": str(dump), "PATH": "/usr/bin:/bin", "MLA_HARNESS_CACHE": str(tmp_path)})
+                   env={"OUT": str(out), "PY": str(dump), "PATH": "/usr/bin:/bin", "MLA_HARNESS_CACHE": str(tmp_path),
+                        "RESULTS": str(tmp_path / "results")})
     full = {j.job_id for j in load_sweep(ROOT / "sweeps" / "long-context.yaml").jobs}
     got = []
     parts = [p for p in (out / "logs").glob("*.log") if p.stem not in ("collect", "leaderboard")]
