@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# sweeps/long-context.yaml on one GPU in under 8 minutes: its 18 jobs split over 12 processes that share
+# sweeps/long-context.yaml on one GPU in under 8 minutes: its 19 jobs split over 13 processes that share
 # the GPU (small-batch decoding is launch-bound, so processes overlap), each part stopped at $LIMIT
 # seconds; then one collect over all jobs, the leaderboard and the report, copied into $OUT. Job ids
 # are the full sweep's (a part only narrows the grid) and results live in $RESULTS (outside $OUT), so
@@ -15,6 +15,7 @@ R=${RESULTS:-/tmp/long-context-results}  # kept between calls on a warm machine:
 LIMIT=${LIMIT:-400}
 Q8='{bits: 8, group: 64, residual: 128}'
 Q4='{bits: 4, group: 64, residual: 128}'
+Q2='{bits: 2, group: 64, residual: 128}'
 mkdir -p "$R" "$OUT/logs"
 part() {  # part NAME --set ...: one process over a slice of the grid
   local name=$1
@@ -25,6 +26,7 @@ part() {  # part NAME --set ...: one process over a slice of the grid
 part original --set 'methods=[]' --set 'kv_quant=[none]'
 part original-int8 --set 'methods=[]' --set "kv_quant=[$Q8]"
 part original-int4 --set 'methods=[]' --set "kv_quant=[$Q4]"
+part original-int2 --set 'methods=[]' --set "kv_quant=[$Q2]"
 for m in care_joint care_mla mha2mla; do
   one=(--set baseline=false --set "methods=[{name: $m}]")
   part "$m-50" "${one[@]}" --set 'budgets=[{kv_save: 0.5}]' --set 'kv_quant=[none]'
@@ -34,6 +36,6 @@ done
 wait
 "$PY" -m harness sweep "$S" --results "$R" --dry-run > "$OUT/logs/collect.log" 2>&1  # rows.parquet of all jobs
 "$PY" -m harness leaderboard "$R/long-context" > "$OUT/logs/leaderboard.log" 2>&1
-"$PY" -m harness.reports.longctx "$R/long-context" --machine "${MACHINE:-one lent GPU, bf16, 12 processes sharing it}"
+"$PY" -m harness.reports.longctx "$R/long-context" --machine "${MACHINE:-one lent GPU, bf16, 13 processes sharing it}"
 cp -r "$R/long-context" "$OUT/"
 grep -ho "\[\(ok\|failed\)\] [^|]*" "$OUT"/logs/*.log | sort  # what finished, what failed

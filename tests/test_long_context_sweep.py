@@ -29,11 +29,11 @@ def test_long_context_sweep_grid(with_care_mla):
     got = {(j.method.name if j.method else "baseline", j.budget.kv_save if j.budget else None,
             j.kv_quant.label if j.kv_quant else "none") for j in s.jobs}
     methods = ("care_joint", "care_mla", "mha2mla")
-    want = {("baseline", None, q) for q in ("none", "int8-g64", "int4-g64")}
+    want = {("baseline", None, q) for q in ("none", "int8-g64", "int4-g64", "int2-g64")}
     want |= {(m, b, "none") for m in methods for b in (0.5, 0.75, 0.875)}
     want |= {(m, 0.75, "int8-g64") for m in methods} | {(m, 0.875, "int4-g64") for m in methods}
-    assert got == want and len(s.jobs) == len(want) == 18
-    assert len({j.job_id for j in s.jobs}) == 18
+    assert got == want and len(s.jobs) == len(want) == 19
+    assert len({j.job_id for j in s.jobs}) == 19
     ev = s.jobs[0].eval
     assert ev.tasks == ("mla_core", "long_context") and ev.limit == {"mla_core": 0.05}
     assert ev.task_metadata["max_seq_lengths"] == [1024, 2048, 4096, 8192]
@@ -160,7 +160,7 @@ def test_gpu_script_parts_cover_the_sweep_exactly(tmp_path, with_care_mla):
     full = {j.job_id for j in load_sweep(ROOT / "sweeps" / "long-context.yaml").jobs}
     got = []
     parts = [p for p in (out / "logs").glob("*.log") if p.stem not in ("collect", "leaderboard")]
-    assert len(parts) == 12
+    assert len(parts) == 13
     for log in parts:
         args = json.loads(log.read_text())
         sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
