@@ -22,11 +22,11 @@ import yaml
 
 from harness.errors import HarnessError
 from harness.options import parse_assignments
-from harness.specs import (BudgetConfig, CalibConfig, EvalConfig, HealConfig, JobConfig, MethodConfig, PplConfig,
-                           SweepConfig, check_fields, heal_config)
+from harness.specs import (BudgetConfig, CalibConfig, EvalConfig, HealConfig, JobConfig, KVQuantSpec, LongPplConfig,
+                           MethodConfig, PplConfig, SweepConfig, check_fields, heal_config)
 
 TOP_KEYS = ("name", "models", "calibration", "budgets", "methods", "baseline", "heal", "heal_baseline", "eval",
-            "executor", "wandb", "device", "dtype")
+            "executor", "wandb", "device", "dtype", "kv_quant")
 OVERRIDE = "--set"  # what the problems of an override are reported against, instead of a file line
 
 
@@ -249,7 +249,8 @@ def _eval(raw, probs) -> EvalConfig | None:
         probs.add(("eval",), "expected a mapping")
         return None
     ppl = typed(PplConfig, ev.get("ppl"), ("eval", "ppl"), probs)
-    rest = {k: v for k, v in ev.items() if k != "ppl"}
+    long_ppl = _long_ppl(ev.get("long_ppl"), probs)
+    rest = {k: v for k, v in ev.items() if k not in ("ppl", "long_ppl")}
     if isinstance(rest.get("tasks"), str):
         rest["tasks"] = [rest["tasks"]]
     evc = typed(EvalConfig, rest, ("eval",), probs)
@@ -259,7 +260,8 @@ def _eval(raw, probs) -> EvalConfig | None:
     if ppl is None or evc is None:
         return None
     limit = int(evc.limit) if isinstance(evc.limit, float) and evc.limit.is_integer() and evc.limit >= 1 else evc.limit
-    return replace(evc, ppl=replace(ppl, domains=tuple(ppl.domains)), tasks=tuple(evc.tasks or ()), limit=limit)
+    return replace(evc, ppl=replace(ppl, domains=tuple(ppl.domains)), tasks=tuple(evc.tasks or ()), limit=limit,
+                   long_ppl=long_ppl)
 
 
 def _executor(value, probs) -> tuple[str, dict]:
@@ -323,6 +325,7 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None,
     heal_cfgs = _heals(raw, probs)
     evc = _eval(raw, probs)
     executor, executor_options = _executor(raw.get("executor", "serial"), probs)
+    kv_quants = _kv_quants(raw.get("kv_quant"), budgets, probs)
     probs.raise_if_any()
 
     dev, dt = raw.get("device"), raw.get("dtype")
@@ -332,7 +335,9 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None,
     heal_baseline = raw.get("heal_baseline", True)
     for model in models:
         if raw.get("baseline", True):
-            jobs.append(JobConfig(model=model, method=None, calib=None, budget=None, eval=evc, device=dev, dtype=dt))
+            for kv in _applying(kv_quants, None):
+                jobs.append(JobConfig(model=model, method=None, calib=None, budget=None, eval=evc, device=dev,
+                                      dtype=dt, kv_quant=kv))
             for h in heal_cfgs if heal_baseline else ():
                 if h.mode != "none":
                     jobs.append(JobConfig(model=model, method=None, calib=None, budget=None, heal=h, eval=evc,
@@ -341,7 +346,57 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None,
             for b in budgets:
                 for m in methods:
                     for h in heal_cfgs:
-                        jobs.append(JobConfig(model=model, method=m, calib=c, budget=b, heal=h, eval=evc,
-                                              device=dev, dtype=dt))
+                        for kv in _applying(kv_quants, b):
+                            jobs.append(JobConfig(model=model, method=m, calib=c, budget=b, heal=h, eval=evc,
+                                                  device=dev, dtype=dt, kv_quant=kv))
     return SweepConfig(name=name, jobs=jobs, executor=executor, wandb=bool(raw.get("wandb", True)), source=source,
                        executor_options=executor_options)
+
+
+# ----------------------------------------------------------------------------- long context (DESIGN §12)
+def _long_ppl(value, probs) -> LongPplConfig | None:
+    """`eval.long_ppl: {domains, seq_lens, samples, seed, batch_size, chunk}`; absent: not scored."""
+    if value is None:
+        return None
+    lp = typed(LongPplConfig, value, ("eval", "long_ppl"), probs)
+    domains = value.get("domains", LongPplConfig.domains) if isinstance(value, dict) else ()
+    for j, d in enumerate(domains if isinstance(domains, (list, tuple)) else ()):
+        _corpus(d, ("eval", "long_ppl", "domains", j), probs)
+    return lp
+
+
+def _kv_quants(value, budgets: list[BudgetConfig], probs) -> list[tuple[KVQuantSpec | None, tuple | None]]:
+    """`kv_quant: [none, {bits: 8, group: 64, residual: 128, budgets: [baseline, 0.75]}, ...]`.
+
+    An axis of the grid: each entry is a KV cache every job gets (none: full precision), or only
+    the jobs of `budgets` (`baseline` = the unconverted model, numbers = kv_save of `budgets:`).
+    Returns [(spec or None, budgets or None for all)]; absent: [(None, None)].
+    """
+    if value is None:
+        return [(None, None)]
+    known = {b.kv_save for b in budgets if b.kv_save is not None}
+    out = []
+    for i, item in enumerate(value if isinstance(value, list) else [value]):
+        if item in (None, "none"):
+            out.append((None, None))
+            continue
+        if not isinstance(item, dict):
+            probs.add(("kv_quant", i), f"expected none or a mapping {{bits, group, residual, budgets}}, got {item!r}")
+            continue
+        only = item.get("budgets")
+        spec = typed(KVQuantSpec, {k: v for k, v in item.items() if k != "budgets"}, ("kv_quant", i), probs)
+        if only is not None:
+            only = tuple(only) if isinstance(only, list) else (only,)
+            for b in only:
+                if b != "baseline" and b not in known:
+                    probs.add(("kv_quant", i, "budgets"), f"{b!r} is neither baseline nor a kv_save of budgets: "
+                                                          f"{', '.join(map(str, sorted(known))) or 'none'}")
+        if spec is not None:
+            out.append((spec, only))
+    return out
+
+
+def _applying(kv_quants: list, budget: BudgetConfig | None) -> list[KVQuantSpec | None]:
+    """The kv_quant entries for the baseline (budget None) or for the jobs of one budget."""
+    key = "baseline" if budget is None else budget.kv_save
+    return [spec for spec, only in kv_quants if only is None or key in only]

@@ -5,12 +5,19 @@
 Perplexity is token-weighted over `eval`-split windows of each corpus (documents disjoint from
 every calibration window), exp(total NLL / total predicted tokens). lm-eval scoring lives in
 `harness.lmeval` (HFLM over the in-memory model) and is re-exported here.
+
+Long-window perplexity (`long_perplexities`, 2k-8k tokens) feeds each window in chunks through a
+KV cache, so a quantized cache (harness.kvquant) is really used: every chunk attends to the
+cached (quantized) earlier chunks and to itself at full precision. Windows join a corpus's
+documents with EOS (harness.data.token_windows): wiki paragraphs are ~100 tokens, so a wiki
+window is many unrelated paragraphs; essays (prose) and stdlib modules (code) run to thousands.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +74,72 @@ def domain_perplexities(model, tokenizer, domains: list[str], spec: PplSpec = Pp
         r["seconds"] = time.perf_counter() - t0
         r["bos"] = bos
         out[d] = r
+    return out
+
+
+@dataclass(frozen=True)
+class LongPplSpec:
+    """Long held-out windows, scored chunk by chunk through a KV cache."""
+
+    seq_lens: tuple = (2048, 4096, 8192)
+    samples: int = 4  # windows per domain and length
+    seed: int = 1
+    batch_size: int = 1
+    chunk: int = 512  # tokens per forward pass; each attends to the cache of the earlier ones
+
+
+@torch.no_grad()
+def chunked_perplexity(model, windows: torch.Tensor, cache_factory: Callable[[], Any] | None = None,
+                       batch_size: int = 1, chunk: int = 512, bos: bool = False) -> dict:
+    """Token-weighted perplexity of `model` on `windows` (n, T), fed `chunk` tokens at a time.
+
+    Chunk by chunk, with a fresh cache from `cache_factory` per batch (default: transformers'
+    DynamicCache, which gives the single-pass perplexity up to float rounding); the logits of
+    one chunk at a time are held, never (T, vocab). With `bos`, as in `perplexity`, the
+    prediction made at the BOS position is not scored.
+
+    Returns:
+        {"ppl": float, "nll": mean NLL per token, "tokens": predicted tokens}
+    """
+    from transformers import DynamicCache
+
+    factory = cache_factory or (lambda: DynamicCache(config=model.config))
+    device = next(model.parameters()).device
+    T = windows.shape[1]
+    nll, count = 0.0, 0
+    for b in windows.split(batch_size):
+        b = b.to(device)
+        cache = factory()
+        for start in range(0, T - 1, chunk):
+            end = min(start + chunk, T - 1)  # logits at start..end-1 predict tokens start+1..end
+            logits = model(input_ids=b[:, start:end], past_key_values=cache, use_cache=True).logits.float()
+            first = 1 if bos and start == 0 else 0
+            tgt = b[:, start + 1 + first:end + 1]
+            nll += F.cross_entropy(logits[:, first:].reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                   reduction="sum").item()
+            count += tgt.numel()
+    mean = nll / count
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": count}
+
+
+def long_perplexities(model, tokenizer, domains: list[str], spec: LongPplSpec = LongPplSpec(),
+                      cache_factory: Callable[[], Any] | None = None) -> dict[str, dict]:
+    """Perplexity per corpus and window length: {"<domain>@<len>": {ppl, nll, tokens, seconds, bos}}.
+
+    The same windows for every model (they depend only on the corpus, length, count, seed and
+    tokenizer), so rows are compared on the same tokens.
+    """
+    from harness.data import adds_bos, token_windows
+
+    bos = adds_bos(tokenizer)
+    out = {}
+    for d in domains:
+        for seq_len in spec.seq_lens:
+            w = token_windows(tokenizer, d, "eval", spec.samples, seq_len, spec.seed, bos=bos)
+            t0 = time.perf_counter()
+            r = chunked_perplexity(model, w, cache_factory, spec.batch_size, spec.chunk, bos)
+            r.update(seconds=time.perf_counter() - t0, bos=bos)
+            out[f"{d}@{seq_len}"] = r
     return out
 
 

@@ -10,6 +10,8 @@ table sortable by clicking its headers, the plots inlined). Plots go to <results
     ranks_<model>.png               cache width per layer, a line per method, a panel per budget
     calib_heatmap_<model>_<b>.png   calibration corpus x eval domain perplexity ratio, a panel per
                                     method (only when the sweep has several calibration corpora)
+    pareto_bytes.png                quality vs KV-cache bytes per token (quantized caches included), the
+                                    Pareto frontier, a panel per quality column (harness.pareto)
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.pareto import pareto_plot, quality_columns
 
-ID_COLS = ["model", "method", "budget", "calib", "heal"]
+ID_COLS = ["model", "method", "budget", "calib", "heal", "kv_quant"]
 
 
 # ---------------------------------------------------------------------------------- the frame
@@ -33,10 +36,15 @@ def reference_rows(df: pd.DataFrame) -> pd.Series:
     trained with the same healing where the sweep has that control (a healed conversion is measured
     against the original fine-tuned on the same tokens, DESIGN §10), else the untrained original."""
     heal = (df["heal"] if "heal" in df else pd.Series("none", index=df.index)).fillna("none").replace("-", "none")
-    base = df[df["method"] == "baseline"]
+    base = df[(df["method"] == "baseline") & _unquantized(df)]
     by_key = {(m, h): i for i, m, h in zip(base.index, base["model"], heal[base.index])}  # the last row wins
     return pd.Series([by_key.get((m, h), by_key.get((m, "none"))) for m, h in zip(df["model"], heal)],
                      index=df.index, dtype="object")
+
+
+def _unquantized(df: pd.DataFrame) -> pd.Series:
+    """Rows with a full-precision KV cache (kv_quant none, or rows from before kv_quant existed)."""
+    return df["kv_quant"].fillna("none").isin(["none", "-"]) if "kv_quant" in df else pd.Series(True, index=df.index)
 
 
 def _against(df: pd.DataFrame, col: str) -> pd.Series:
@@ -145,6 +153,9 @@ def leaderboard_frame(df: pd.DataFrame, all_columns: bool = False, results: Path
     df["budget"] = df.apply(_budget_label, axis=1)
     for c in ("calib", "heal"):
         df[c] = df[c].fillna("-") if c in df else "-"
+    quantized = "kv_quant" in df  # sweeps with the kv_quant axis: bytes/token and RULER columns shown
+    if quantized:
+        df["kv_quant"] = df["kv_quant"].fillna("none")
     shown = task_columns(df)
     extra = []
     if shown:
@@ -157,8 +168,9 @@ def leaderboard_frame(df: pd.DataFrame, all_columns: bool = False, results: Path
         extra = ["acc_delta", "acc_delta_lo", "acc_delta_hi", "acc_mean_significant"]
         extra += [c.replace("/acc", suffix) for c in shown for suffix in ("/acc_stderr", "/acc_significant")]
     ppl_cols = sorted(c for c in df.columns if c.startswith("ppl_"))
-    cols = ID_COLS + ["kv_save", "ranks"] + (["acc_mean", "acc_mean_stderr", "acc_delta", "acc_ratio"] + shown
-                                             if shown else [])
+    cols = ID_COLS + ["kv_save"] + (["bytes_per_token", "kv_bytes_fraction"] if quantized else []) + ["ranks"]
+    cols += (["acc_mean", "acc_mean_stderr", "acc_delta", "acc_ratio"] + shown if shown else [])
+    cols += [c for c in quality_columns(df) if c.startswith("long_context@")]  # RULER per length (± stderr)
     for c in ppl_cols:
         cols += [c, c.replace("ppl_", "ratio_")]
     cols += extra
@@ -205,6 +217,12 @@ def _fmt(col: str, v) -> str:
         return ""
     if col == "kv_save":
         return f"{v:.4f}"
+    if col == "bytes_per_token":
+        return f"{v:,.0f}"
+    if col == "kv_bytes_fraction":
+        return f"{100 * v:.1f}%"
+    if col.startswith("long_context@"):
+        return f"{100 * v:.1f}"
     if col.startswith("ratio_") or col == "acc_ratio":
         return f"{v:.2f}x"
     if col.endswith("/acc") or col == "acc_mean":
@@ -279,7 +297,7 @@ def make_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     for model, m in ok.groupby("model", sort=True):
         slug = _slug(model)
         conv = m[m["method"] != "baseline"]
-        base = m[(m["method"] == "baseline") & m["heal"].isin(["none", "-"])]
+        base = m[(m["method"] == "baseline") & m["heal"].isin(["none", "-"]) & _unquantized(m)]
         several_calib = conv["calib"].nunique() > 1
         conv = conv.assign(series=conv.apply(_series_label, axis=1, several_calib=several_calib))
         # perplexity vs KV save
@@ -423,6 +441,10 @@ def write_leaderboard(results: Path, plots: bool = True) -> str:
     note = f"{len(lb)} rows from {f}" + (f"; {failed} failed job(s) left out." if failed else ".")
     md = _markdown(lb) if len(lb) else "(no finished rows)"
     images = make_plots(df, results / "plots") if plots else []
+    if plots and "kv_bytes_fraction" in df:  # quality against KV bytes (quantization included)
+        pareto = pareto_plot(df, quality_columns(df), results / "plots" / "pareto_bytes.png",
+                             f"{results.name}: quality vs KV-cache bytes")
+        images += [pareto] if pareto else []
     _atomic_write(results / "leaderboard.md", f"# Leaderboard: {results.name}\n\n{note} {LEGEND}\n\n{md}\n")
     tmp = results / f".leaderboard.csv.tmp{os.getpid()}"
     full.to_csv(tmp, index=False)  # the table's rows, every column

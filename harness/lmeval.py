@@ -13,13 +13,17 @@ lm-eval is imported inside the functions: importing it takes seconds.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from harness.paths import cache_root
 from harness.errors import HarnessError
 
 RESULTS_FILE = "lm_eval_results.json"
@@ -124,12 +128,67 @@ def add_entry_means(raw: dict) -> dict:
     return raw
 
 
+def is_length_metric(metric: str) -> bool:
+    """RULER's metrics are context lengths in tokens ("4096")."""
+    return metric.isdigit()
+
+
+def add_length_scores(raw: dict) -> dict:
+    """Per-length scores with their uncertainty, from the per-document scores in raw["samples"].
+
+    RULER's tasks (tasks/long_context) report one metric per context length: lm-eval gives its
+    mean over the documents of that length but no stderr, and -1 for a length that was not run.
+    Here each (task, length) gets mean, stderr = sd / sqrt(n) and n (`raw["n-length"]`); a group
+    gets the unweighted mean over its tasks that have documents of that length (lm-eval's
+    `weight_by_size: false`) and stderr sqrt(sum se^2) / k, and `raw["k-length"][group][length]`
+    = k; lengths that were not run are removed. Written into `raw` in place.
+    """
+    per_task: dict[str, dict[str, list[float]]] = {}
+    for task, samples in (raw.get("samples") or {}).items():
+        for sample in samples:
+            for metric in sample.get("metrics", []):
+                value = _number(sample.get(metric))
+                if is_length_metric(metric) and value is not None and value != -1:
+                    per_task.setdefault(task, {}).setdefault(metric, []).append(value)
+    results, groups = raw.setdefault("results", {}), raw.get("groups", {})
+    lengths = raw.setdefault("n-length", {})
+    for entry in list(results.values()) + list(groups.values()):  # drop lm-eval's values: recomputed below
+        for key in [k for k in entry if "," in k and is_length_metric(k.split(",")[0].removesuffix("_stderr"))]:
+            del entry[key]
+    scores: dict[tuple[str, str], tuple[float, float | None, int]] = {}
+    for task, metrics in per_task.items():
+        for metric, values in metrics.items():
+            n = len(values)
+            mean = sum(values) / n
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+            scores[task, metric] = (mean, None if sd is None else sd / math.sqrt(n), n)
+    subtasks = raw.get("group_subtasks", {})
+    for group in subtasks:
+        leaves = _leaves(group, subtasks)
+        for metric in sorted({m for t in leaves for m in per_task.get(t, {})}, key=int):
+            # over the tasks that have documents of this length (RULER's HotpotQA has none at 1024)
+            means, errors, ns = zip(*(scores[t, metric] for t in leaves if (t, metric) in scores))
+            k = len(means)
+            se = None if None in errors else math.sqrt(sum(e * e for e in errors)) / k
+            scores[group, metric] = (sum(means) / k, se, sum(ns))
+            raw.setdefault("k-length", {}).setdefault(group, {})[metric] = k
+    for (name, metric), (mean, se, n) in scores.items():
+        entries = [results.setdefault(name, {"alias": name})]
+        if name in subtasks:
+            entries.append(raw.setdefault("groups", groups).setdefault(name, {"alias": name}))
+        for entry in entries:
+            entry[f"{metric},none"] = mean
+            entry[f"{metric}_stderr,none"] = "N/A" if se is None else se
+        lengths.setdefault(name, {})[metric] = n
+    return raw
+
+
 def result_rows(raw: dict) -> list[dict]:
     """Flatten lm-eval's results into rows {task, metric, value, stderr, n}, tasks then groups.
 
     `metric` drops the filter suffix when it is lm-eval's default ("acc,none" -> "acc"), and keeps
     it otherwise ("exact_match,strict-match"); `n` is the number of documents scored (for a group,
-    the sum over its tasks).
+    the sum over its tasks; for a RULER length, the documents of that length, see add_length_scores).
     """
     samples = {name: int(v.get("effective", v.get("original", 0))) for name, v in raw.get("n-samples", {}).items()}
     subtasks = raw.get("group_subtasks", {})
@@ -151,7 +210,7 @@ def result_rows(raw: dict) -> list[dict]:
                 "metric": metric if filt == "none" else key,
                 "value": _number(value),
                 "stderr": _number(entry.get(f"{metric}_stderr,{filt}")),
-                "n": n,
+                "n": raw.get("n-length", {}).get(name, {}).get(metric, n) if is_length_metric(metric) else n,
             })
     return rows
 
@@ -166,12 +225,89 @@ def _write_json(raw: dict, out_dir: str | Path) -> Path:
     return path
 
 
+def tokenizer_dir(tokenizer) -> Path:
+    """A folder holding `tokenizer` (save_pretrained), for tasks that load one by name.
+
+    RULER's generators size their documents with `AutoTokenizer.from_pretrained(<name>)`; an
+    in-memory tokenizer (e.g. read from a GGUF file) is saved once under
+    `$MLA_HARNESS_CACHE/tokenizers/<hash of its files>` and that folder is the name.
+    """
+    root = cache_root() / "tokenizers"
+    tmp = root / f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        digest = hashlib.sha256()
+        for path in sorted(tmp.iterdir()):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        final = root / digest.hexdigest()[:16]
+        if not final.is_dir():
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process saved the same tokenizer first
+                if not final.is_dir():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@contextlib.contextmanager
+def generate_with_cache(model, cache_factory: Callable[[], Any] | None):
+    """While active, `model.generate` gets `past_key_values=cache_factory()` (a fresh cache per call).
+
+    lm-eval's HFLM calls `model.generate(...)` without a cache argument; this is how its
+    generation tasks (RULER) run with a quantized KV cache (harness.kvquant).
+    """
+    if cache_factory is None:
+        yield
+        return
+    original = model.generate
+
+    def generate(*args, **kwargs):
+        kwargs.setdefault("past_key_values", cache_factory())
+        return original(*args, **kwargs)
+
+    model.generate = generate
+    try:
+        yield
+    finally:
+        del model.generate  # the class's method again
+
+
+def _merge(raws: list[dict]) -> dict:
+    """One results dict from several simple_evaluate calls over disjoint tasks."""
+    merged = dict(raws[0])
+    for raw in raws[1:]:
+        for key, value in raw.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "config":
+                merged[key] = {**merged[key], **value}
+            else:
+                merged.setdefault(key, value)
+    return merged
+
+
+def _limits(names: list[str], limit) -> list[tuple[int | float | None, list[str]]]:
+    """[(limit, names)] for one simple_evaluate call per distinct limit."""
+    if not isinstance(limit, dict):
+        return [(limit, names)]
+    unknown = sorted(set(limit) - set(names))
+    if unknown:
+        raise HarnessError(f"limit names task(s) {', '.join(unknown)} that are not evaluated ({', '.join(names)}); "
+                           f"give a limit per evaluated task or group")
+    calls: dict = {}
+    for name in names:
+        calls.setdefault(limit.get(name), []).append(name)
+    return list(calls.items())
+
+
 def run_lm_eval(
     model,
     tokenizer,
     tasks: list[str] | str,
     *,
-    limit: int | float | None = None,
+    limit: int | float | dict | None = None,
     batch_size: int = 8,
     num_fewshot: int | None = None,
     seed: int = 1234,
@@ -179,6 +315,9 @@ def run_lm_eval(
     device: str | None = None,
     log_samples: bool = False,
     bootstrap_iters: int = 1000,
+    metadata: dict | None = None,
+    cache_factory: Callable[[], Any] | None = None,
+    gen_kwargs: dict | None = None,
 ) -> tuple[list[dict], dict]:
     """Run lm-eval tasks on an in-memory model.
 
@@ -186,7 +325,9 @@ def run_lm_eval(
         model: a HF causal LM (`PreTrainedModel`); put in eval mode for the run, then restored.
         tokenizer: its tokenizer.
         tasks: task/group names (a list or "a,b"), e.g. ["mla_core"], ["arc_easy", "piqa"], "lambada_openai".
-        limit: documents per task (an int), or a fraction of each task (a float < 1); None = all.
+        limit: documents per task (an int), or a fraction of each task (a float < 1); None = all. A
+            mapping {task or group: limit} gives each its own (unlisted: all); lm-eval takes one limit
+            per call, so there is one call per distinct value.
         batch_size: sequences per forward pass.
         num_fewshot: few-shot examples per prompt; None = each task's default (0 for all shipped tasks).
         seed: seeds python, numpy, torch and the few-shot sampler.
@@ -197,13 +338,22 @@ def run_lm_eval(
             lm_eval_documents.parquet in out_dir) for paired comparisons.
         bootstrap_iters: resamples for the stderr of non-mean metrics (LAMBADA perplexity); lm-eval's
             default 100000 takes minutes on a CPU.
+        metadata: task metadata for lm-eval (RULER: max_seq_lengths, num_samples, seed); `tokenizer`
+            defaults to a saved copy of `tokenizer` (tokenizer_dir).
+        cache_factory: a function returning a fresh KV cache for each `generate` call (e.g. a
+            quantized cache from harness.kvquant); loglikelihood scoring runs one forward pass
+            without a cache and is not affected.
+        gen_kwargs: overrides of the generation tasks' settings (e.g. {"max_gen_toks": 8} for a quick
+            test); None keeps each task's own.
     Returns:
         (rows, raw): rows are {task, metric, value, stderr, n} for every task, then every group;
-        raw is lm-eval's results dict, with `add_entry_means` applied (mla_core's average).
+        raw is lm-eval's results dict, with `add_entry_means` (mla_core's average) and
+        `add_length_scores` (RULER's per-length stderr) applied.
     Raises:
         HarnessError: an unknown task name, or a problem with the offline benchmarks (see harness.tasks).
     """
     names = _task_list(tasks)
+    calls = _limits(names, limit)
     from harness.tasks import task_dir
 
     folder = task_dir()
@@ -214,32 +364,39 @@ def run_lm_eval(
 
     lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
 
-    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    metadata = {"tokenizer": str(tokenizer_dir(tokenizer)), **(metadata or {})}
+    manager = TaskManager(include_path=str(folder), include_defaults=False, metadata=metadata)
     _check_known(names, manager, folder)
     if device is not None:
         model.to(device)
     was_training = model.training
     model.eval()
+    raws = []
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        raw = simple_evaluate(
-            model=lm,
-            tasks=names,
-            task_manager=manager,
-            limit=limit,
-            num_fewshot=num_fewshot,
-            log_samples=True,  # per-document correctness: the paired comparisons against the baseline
-            bootstrap_iters=bootstrap_iters,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with generate_with_cache(model, cache_factory):
+            for call_limit, call_names in calls:
+                raws.append(simple_evaluate(
+                    model=lm,
+                    tasks=call_names,
+                    task_manager=manager,
+                    limit=call_limit,
+                    num_fewshot=num_fewshot,
+                    gen_kwargs=gen_kwargs,
+                    log_samples=True,  # per-document scores: paired comparisons, RULER per-length stderr
+                    bootstrap_iters=bootstrap_iters,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                ))
     finally:
         model.train(was_training)
-    if raw is None:  # only on non-zero ranks of a multi-process launch
+    if any(raw is None for raw in raws):  # only on non-zero ranks of a multi-process launch
         raise HarnessError("lm-eval returned no results (is this a non-zero rank of a distributed launch?)")
+    raw = _merge(raws)
     add_entry_means(raw)
+    add_length_scores(raw)
     raw["per_document"] = per_document(raw)
     raw["group_weighting"] = group_weighting(raw, manager)
     samples = raw.pop("samples", None)

@@ -248,21 +248,80 @@ class PplConfig:
 
 
 @dataclass(frozen=True)
+class LongPplConfig:
+    """Long-window perplexity (`eval.long_ppl`; harness.evaluate.long_perplexities): rows get ppl_<domain>@<len>."""
+
+    domains: tuple[str, ...] = ("wiki", "prose", "code")  # corpora scored on their eval split (documents joined by EOS)
+    seq_lens: tuple[int, ...] = (2048, 4096, 8192)  # window lengths in tokens
+    samples: int = 4  # windows per domain and length
+    seed: int = 1  # shuffles the eval split before windows are cut
+    batch_size: int = 1  # windows per forward pass
+    chunk: int = 512  # tokens per forward pass through the (possibly quantized) KV cache
+
+    LIMITS: ClassVar[dict] = {"samples": Range(min=1), "seed": Range(min=0), "batch_size": Range(min=1),
+                              "chunk": Range(min=1)}
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = check_fields(self)
+        if not out and (not self.seq_lens or any(n < 2 for n in self.seq_lens)):
+            out.append(("seq_lens", f"{list(self.seq_lens)!r}: give window lengths >= 2, e.g. [2048, 4096]"))
+        return out
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     ppl: PplConfig = PplConfig()  # perplexity per domain
     tasks: tuple[str, ...] = ()  # lm-eval task or group names (tasks/), e.g. [mla_core]
-    limit: float | None = None  # lm-eval --limit: documents per task (an integer), or a fraction < 1
+    limit: float | dict | None = None  # lm-eval --limit: documents per task (an integer), or a fraction < 1; or {task: limit}
     num_fewshot: int | None = None  # few-shot examples per prompt (None: each task's default)
     batch_size: int = 8  # lm-eval sequences per forward pass
+    task_metadata: dict = field(default_factory=dict)  # lm-eval task metadata, e.g. RULER's {max_seq_lengths: [1024, 2048], num_samples: 20}
+    long_ppl: LongPplConfig | None = None  # long-window perplexity (none: not scored)
 
     LIMITS: ClassVar[dict] = {"limit": Range(min=0, open_min=True), "num_fewshot": Range(min=0),
                               "batch_size": Range(min=1)}
 
     def problems(self) -> list[tuple[str, str]]:
         out = check_fields(self)
-        if isinstance(self.limit, float) and not self.limit.is_integer() and self.limit > 1:
-            out.append(("limit", f"{self.limit!r}: give a whole number of documents, or a fraction below 1"))
+        limits = self.limit.items() if isinstance(self.limit, dict) else [(None, self.limit)]
+        for task, limit in limits:
+            key = "limit" if task is None else f"limit.{task}"
+            if task is not None and task not in self.tasks:
+                out.append((key, f"{task!r} is not in eval.tasks ({', '.join(self.tasks) or 'none'})"))
+            elif task is not None and limit is not None and (not isinstance(limit, (int, float)) or limit <= 0):
+                out.append((key, f"{limit!r}: give a number of documents, a fraction below 1, or null"))
+            elif isinstance(limit, float) and not limit.is_integer() and limit > 1:
+                out.append((key, f"{limit!r}: give a whole number of documents, or a fraction below 1"))
+        for key in ("max_seq_lengths", "num_samples"):  # RULER's (tasks/long_context)
+            v = self.task_metadata.get(key) if isinstance(self.task_metadata, dict) else None
+            values = v if isinstance(v, (list, tuple)) else [v]
+            if v is not None and (not values or any(not isinstance(n, int) or isinstance(n, bool) or n < 1
+                                                    for n in values)):
+                out.append((f"task_metadata.{key}", f"{v!r} must be positive integers"))
         return out
+
+
+# ------------------------------------------------------------------------------- KV-cache quantization
+KV_BITS = (8, 4, 2)
+
+
+@dataclass(frozen=True)
+class KVQuantSpec:
+    """A quantized KV cache (harness.kvquant): one entry of a sweep's `kv_quant:` list."""
+
+    bits: int = 8  # bits per cached element: 8, 4 or 2
+    group: int = 64  # at most this many channels of one token and head share a scale and a zero
+    residual: int = 128  # newest tokens kept at full precision (transformers' residual_length)
+
+    CHOICES: ClassVar[dict] = {"bits": KV_BITS}
+    LIMITS: ClassVar[dict] = {"group": Range(min=1), "residual": Range(min=1)}
+
+    @property
+    def label(self) -> str:
+        return f"int{self.bits}-g{self.group}"
+
+    def problems(self) -> list[tuple[str, str]]:
+        return check_fields(self)
 
 
 # ------------------------------------------------------------------------------- jobs and sweeps
@@ -278,12 +337,19 @@ class JobConfig:
     eval: EvalConfig = EvalConfig()
     device: str | None = None
     dtype: str | None = None
+    kv_quant: KVQuantSpec | None = None  # a quantized KV cache (None: full precision)
 
     @property
     def job_id(self) -> str:
         d = asdict(self)
         if self.heal.mode == "none":  # ids from before healing existed stay valid
             d["heal"] = {"mode": "none", "tokens": 0}
+        # long context: settings left unused stay out of the id, so ids from before them stay valid
+        if self.kv_quant is None:
+            del d["kv_quant"]
+        for key, unused in (("task_metadata", {}), ("long_ppl", None)):
+            if d["eval"][key] == unused:
+                del d["eval"][key]
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -293,6 +359,7 @@ class JobConfig:
 
     def describe(self) -> str:
         heal = f" heal={self.heal.display}" if self.heal.mode != "none" else ""
+        heal += f" kv={self.kv_quant.label}" if self.kv_quant is not None else ""
         if self.is_baseline:
             return f"{self.model} baseline{heal}"
         b = f"kv_save={self.budget.kv_save}" if self.budget.kv_save is not None else f"rank={self.budget.rank}"

@@ -87,18 +87,23 @@ def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = F
     p = job.eval.ppl
     ppl = domain_perplexities(model, tok, list(p.domains), PplSpec(p.samples, p.seq_len, p.seed, p.batch_size))
     acc = kv_accounting(model)
+    cache_factory = _kv_cache_factory(job, model)  # long context: a quantized KV cache per generate()
     task_rows = []
     if job.eval.tasks:
         from harness.lmeval import run_lm_eval
 
         task_rows, _ = run_lm_eval(model, tok, list(job.eval.tasks), limit=job.eval.limit,
                                    batch_size=job.eval.batch_size, num_fewshot=job.eval.num_fewshot,
-                                   out_dir=out)
+                                   out_dir=out, metadata=dict(job.eval.task_metadata) or None,
+                                   cache_factory=cache_factory)
     row = make_row(job, sweep_name, ppl, acc, conversion, task_rows)
     row["bos"] = adds_bos(tok)  # windows (calibration, perplexity, healing) start with the tokenizer's BOS
+    long_ppl = _long_context_fields(job, model, tok, acc, row, cache_factory)
     row["seconds"] = time.perf_counter() - t0
     row.update(timings)
     metrics = {"ppl": ppl, "kv": acc, "tasks": task_rows, "timings": timings, "seconds": row["seconds"]}
+    if long_ppl:
+        metrics["long_ppl"] = long_ppl
     if healing is not None:
         row.update(heal_tokens=healing["tokens_seen"], heal_steps=healing["steps"],
                    heal_loss_first=healing["loss_first"], heal_loss_last=healing["loss_last"],
@@ -196,7 +201,49 @@ def make_row(job: JobConfig, sweep_name: str, ppl: dict, acc: dict, conversion: 
             row[f"{t['task']}/{t['metric']}"] = t["value"]
             if t.get("stderr") is not None:
                 row[f"{t['task']}/{t['metric']}_stderr"] = t["stderr"]
+        elif t["metric"].isdigit():  # RULER: one score per context length (tasks/long_context)
+            row[f"{t['task']}@{t['metric']}"] = t["value"]
+            row[f"{t['task']}@{t['metric']}_stderr"] = t["stderr"]
+            row[f"{t['task']}@{t['metric']}_n"] = t["n"]
     return row
+
+
+# ---------------------------------------------------------------------- long context (DESIGN §12)
+def _kv_cache_factory(job: JobConfig, model):
+    """A function returning a fresh quantized KV cache for `model` (None without kv_quant)."""
+    if job.kv_quant is None:
+        return None
+    from harness.kvquant import make_cache
+
+    make_cache(model, job.kv_quant)  # refuse a sliding-window model now, not in the middle of the evaluation
+    return lambda: make_cache(model, job.kv_quant)
+
+
+def _long_context_fields(job: JobConfig, model, tok, acc: dict, row: dict, cache_factory) -> dict:
+    """Add kv_quant, bytes_per_token (quantization included) and ppl_<domain>@<len> to `row`.
+
+    bytes_per_token: at a 4096-token context, the codes + scales/zeros of the quantized tokens and
+    the full-precision residual window spread over the context (harness.kvquant.bytes_per_token);
+    kv_bytes_fraction: that over the original model's bytes per token at the same dtype. Returns
+    the long-window perplexities (for metrics.json).
+    """
+    from harness.kvquant import KV_CONTEXT, bytes_per_token
+
+    size = next(model.parameters()).element_size()
+    row["kv_quant"] = "none" if job.kv_quant is None else job.kv_quant.label
+    row["bytes_per_token_unquantized"] = acc["bytes_per_token"]
+    row["bytes_per_token"] = bytes_per_token(model, job.kv_quant, KV_CONTEXT)
+    row["kv_bytes_fraction"] = row["bytes_per_token"] / (acc["cache_width_original"] * size)
+    lp = job.eval.long_ppl
+    if lp is None:
+        return {}
+    from harness.evaluate import LongPplSpec, long_perplexities
+
+    spec = LongPplSpec(tuple(lp.seq_lens), lp.samples, lp.seed, lp.batch_size, lp.chunk)
+    out = long_perplexities(model, tok, list(lp.domains), spec, cache_factory)
+    for key, r in out.items():
+        row[f"ppl_{key}"] = r["ppl"]
+    return out
 
 
 def _range(v: list[int]) -> str:

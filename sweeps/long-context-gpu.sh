@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# sweeps/long-context.yaml on one GPU in under 8 minutes: its 19 jobs split over 13 processes that share
+# the GPU (small-batch decoding is launch-bound, so processes overlap), each part stopped at $LIMIT
+# seconds; then one collect over all jobs, the leaderboard and the report, copied into $OUT. Job ids
+# are the full sweep's (a part only narrows the grid) and results live in $RESULTS (outside $OUT), so
+# running the script again on the same machine resumes: finished jobs are skipped.
+#   OUT=/some/dir bash sweeps/long-context-gpu.sh   # -> $OUT/long-context/{REPORT.md,leaderboard.*,rows.parquet,runs/}
+set -u
+OUT=${OUT:?set OUT to the output folder}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+export MLA_HARNESS_CACHE=${MLA_HARNESS_CACHE:-/tmp/mla-harness-cache}  # benchmarks, statistics: not in $OUT
+PY=${PY:-python}
+S=sweeps/long-context.yaml
+R=${RESULTS:-/tmp/long-context-results}  # kept between calls on a warm machine: a rerun resumes
+LIMIT=${LIMIT:-400}
+Q8='{bits: 8, group: 64, residual: 128}'
+Q4='{bits: 4, group: 64, residual: 128}'
+Q2='{bits: 2, group: 64, residual: 128}'
+mkdir -p "$R" "$OUT/logs"
+part() {  # part NAME --set ...: one process over a slice of the grid
+  local name=$1
+  shift
+  timeout "$LIMIT" "$PY" -m harness sweep "$S" --results "$R" --no-leaderboard --set name=long-context "$@" \
+    > "$OUT/logs/$name.log" 2>&1 &
+}
+part original --set 'methods=[]' --set 'kv_quant=[none]'
+part original-int8 --set 'methods=[]' --set "kv_quant=[$Q8]"
+part original-int4 --set 'methods=[]' --set "kv_quant=[$Q4]"
+part original-int2 --set 'methods=[]' --set "kv_quant=[$Q2]"
+for m in care_joint care_mla mha2mla; do
+  one=(--set baseline=false --set "methods=[{name: $m}]")
+  part "$m-50" "${one[@]}" --set 'budgets=[{kv_save: 0.5}]' --set 'kv_quant=[none]'
+  part "$m-75" "${one[@]}" --set 'budgets=[{kv_save: 0.75}]' --set "kv_quant=[none, $Q8]"
+  part "$m-87.5" "${one[@]}" --set 'budgets=[{kv_save: 0.875}]' --set "kv_quant=[none, $Q4]"
+done
+wait
+"$PY" -m harness sweep "$S" --results "$R" --dry-run > "$OUT/logs/collect.log" 2>&1  # rows.parquet of all jobs
+"$PY" -m harness leaderboard "$R/long-context" > "$OUT/logs/leaderboard.log" 2>&1
+"$PY" -m harness.reports.longctx "$R/long-context" --machine "${MACHINE:-one lent GPU, bf16, 13 processes sharing it}"
+cp -r "$R/long-context" "$OUT/"
+grep -ho "\[\(ok\|failed\)\] [^|]*" "$OUT"/logs/*.log | sort  # what finished, what failed
