@@ -117,12 +117,19 @@ def _markdown(lb: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def tasks_notes(df: pd.DataFrame) -> str:
+    """What the rows' task groups lack ("care_eval: RACE: no offline rows (7/8 tasks)"), for every table."""
+    notes = sorted(set(df["tasks_note"].dropna())) if "tasks_note" in df else []
+    return " ".join(f"Note: {n}." for n in notes)
+
+
 def summary_table(df: pd.DataFrame) -> str:
     """Markdown table: method, budget, KV save, ranks, accuracy, ppl per domain, ratio to the baseline."""
     if not len(df):
         return "(no rows)"
     lb = leaderboard_frame(df)
-    return _markdown(lb) if len(lb) else "(no finished rows)"
+    table = _markdown(lb) if len(lb) else "(no finished rows)"
+    return table + (f"\n\n{tasks_notes(df)}" if tasks_notes(df) else "")
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -306,6 +313,7 @@ def write_leaderboard(results: Path, plots: bool = True) -> str:
     lb = leaderboard_frame(df)
     failed = int((df["status"] != "ok").sum()) if "status" in df else 0
     note = f"{len(lb)} rows from {f}" + (f"; {failed} failed job(s) left out." if failed else ".")
+    note += f" {tasks_notes(df)}" if tasks_notes(df) else ""
     md = _markdown(lb) if len(lb) else "(no finished rows)"
     images = make_plots(df, results / "plots") if plots else []
     _atomic_write(results / "leaderboard.md", f"# Leaderboard: {results.name}\n\n{note}\n\n{md}\n")

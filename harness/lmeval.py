@@ -34,6 +34,14 @@ def _task_list(tasks: list[str] | str) -> list[str]:
 
 
 def _check_known(names: list[str], manager: Any, folder: Path) -> None:
+    from harness.tasks import OPTIONAL_SOURCES, task_notes
+
+    missing = task_notes(folder)["missing"]
+    for name in names:
+        if name in missing:
+            src = next(s for s in OPTIONAL_SOURCES if s.label == missing[name])
+            raise HarnessError(f"lm-eval task '{name}' has no offline rows here; set {src.env} to a file of "
+                               f"{src.what}")
     known = set(manager.all_tasks)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -61,17 +69,18 @@ def _leaves(name: str, subtasks: dict[str, list[str]]) -> list[str]:
     return [leaf for child in subtasks[name] for leaf in _leaves(child, subtasks)]
 
 
-ENTRY_MEAN_METRICS = ("acc", "acc_norm")
+ENTRY_MEAN_METRICS = ("acc", "acc_norm", "acc_norm_nospace")
 
 
 def add_entry_means(raw: dict) -> dict:
     """Give each group that lm-eval left unaggregated the unweighted mean over its direct entries.
 
     lm-eval averages a group over its *leaf* tasks, so in `mla_core` MMLU's 57 subjects would
-    outweigh the other five entries. Groups without `aggregate_metric_list` (mla_core) get instead,
-    for acc and acc_norm, the plain mean over their direct entries (a sub-group counts once with its
-    own aggregate; an entry without acc_norm, e.g. MMLU or WinoGrande, contributes its acc), with
-    stderr sqrt(sum se^2) / k. The values are written into `raw` ("acc,none", ...) in place.
+    outweigh the other five entries. Groups without `aggregate_metric_list` (mla_core, care_eval,
+    mha2mla_eval) get instead, for each of acc, acc_norm and acc_norm_nospace that at least one
+    entry reports, the plain mean over their direct entries (a sub-group counts once with its own
+    aggregate; an entry without that metric, e.g. MMLU or WinoGrande for acc_norm, contributes its
+    acc), with stderr sqrt(sum se^2) / k. The values are written into `raw` ("acc,none", ...) in place.
     """
     subtasks = raw.get("group_subtasks", {})
     results = raw.get("results", {})
@@ -80,6 +89,8 @@ def add_entry_means(raw: dict) -> dict:
         if entry is None or not children or any("," in key for key in entry):
             continue  # not reported, or lm-eval aggregated it already
         for metric in ENTRY_MEAN_METRICS:
+            if not any(f"{metric},none" in results.get(child, {}) for child in children):
+                continue  # no entry defines it: a mean of plain acc under its name would mislead
             values, errors = [], []
             for child in children:
                 child_entry = results.get(child, {})
@@ -105,10 +116,12 @@ def result_rows(raw: dict) -> list[dict]:
 
     `metric` drops the filter suffix when it is lm-eval's default ("acc,none" -> "acc"), and keeps
     it otherwise ("exact_match,strict-match"); `n` is the number of documents scored (for a group,
-    the sum over its tasks).
+    the sum over its tasks); `note` says what a group lacks, e.g. "RACE: no offline rows (7/8 tasks)"
+    (raw["notes"], from the rendered tasks), else None.
     """
     samples = {name: int(v.get("effective", v.get("original", 0))) for name, v in raw.get("n-samples", {}).items()}
     subtasks = raw.get("group_subtasks", {})
+    notes = raw.get("notes", {})
     entries = dict(raw.get("results", {}))
     for name, entry in raw.get("groups", {}).items():
         entries.setdefault(name, entry)
@@ -128,6 +141,7 @@ def result_rows(raw: dict) -> list[dict]:
                 "value": _number(value),
                 "stderr": _number(entry.get(f"{metric}_stderr,{filt}")),
                 "n": n,
+                "note": notes.get(name),
             })
     return rows
 
@@ -142,13 +156,31 @@ def _write_json(raw: dict, out_dir: str | Path) -> Path:
     return path
 
 
+CUDA_MAX_BATCH = 64  # upper bound of lm-eval's batch-size search on a GPU
+
+
+def lm_batch_size(batch_size: int | str | None, device) -> tuple[int | str, int]:
+    """(batch_size, max_batch_size) for lm-eval's HFLM on `device`.
+
+    On CUDA lm-eval searches the largest batch that fits ("auto", from max(batch_size, 64) down,
+    at the longest request): a 135M model scores in batches of 64, Gemma's 262k-token vocabulary
+    halves that where its logits would not fit. On CPU the given size is used (None: 8). Batch
+    size changes only the order of float sums, never which requests are scored.
+    """
+    if isinstance(batch_size, str):
+        return batch_size, CUDA_MAX_BATCH
+    if getattr(device, "type", str(device)) == "cuda":
+        return "auto", max(int(batch_size or 0), CUDA_MAX_BATCH)
+    return int(batch_size or 8), CUDA_MAX_BATCH
+
+
 def run_lm_eval(
     model,
     tokenizer,
     tasks: list[str] | str,
     *,
     limit: int | float | None = None,
-    batch_size: int = 8,
+    batch_size: int | str | None = None,
     num_fewshot: int | None = None,
     seed: int = 1234,
     out_dir: str | Path | None = None,
@@ -163,7 +195,8 @@ def run_lm_eval(
         tokenizer: its tokenizer.
         tasks: task/group names (a list or "a,b"), e.g. ["mla_core"], ["arc_easy", "piqa"], "lambada_openai".
         limit: documents per task (an int), or a fraction of each task (a float < 1); None = all.
-        batch_size: sequences per forward pass.
+        batch_size: sequences per forward pass on CPU (None: 8); on CUDA lm-eval finds the largest
+            that fits, up to max(batch_size, 64) (`lm_batch_size`); a string ("auto:4") is passed as is.
         num_fewshot: few-shot examples per prompt; None = each task's default (0 for all shipped tasks).
         seed: seeds python, numpy, torch and the few-shot sampler.
         out_dir: if given, the full lm-eval results are written to `<out_dir>/lm_eval_results.json`.
@@ -192,7 +225,8 @@ def run_lm_eval(
     was_training = model.training
     model.eval()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        bs, max_bs = lm_batch_size(batch_size, next(model.parameters()).device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bs, max_batch_size=max_bs)
         raw = simple_evaluate(
             model=lm,
             tasks=names,
@@ -211,6 +245,11 @@ def run_lm_eval(
     if raw is None:  # only on non-zero ranks of a multi-process launch
         raise HarnessError("lm-eval returned no results (is this a non-zero rank of a distributed launch?)")
     add_entry_means(raw)
+    from harness.tasks import task_notes
+
+    notes = {g: n for g, n in task_notes(folder)["notes"].items() if g in raw.get("results", {})}
+    if notes:
+        raw["notes"] = notes
     if out_dir is not None:
         _write_json(raw, out_dir)
     return result_rows(raw), raw
@@ -223,4 +262,6 @@ def format_table(raw_results: dict) -> str:
     table = make_table(raw_results)
     if raw_results.get("groups"):
         table += "\n" + make_table(raw_results, "groups")
+    for group, note in sorted(raw_results.get("notes", {}).items()):
+        table += f"\nNote: {group}: {note}"
     return table
