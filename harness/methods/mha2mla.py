@@ -33,7 +33,7 @@ def select_pairs(selection: str, p: int, half: int, n_kv: int, n_h: int, layer: 
         k = stats.k_pair_norm[layer].double()  # (n_kv, half)
         g = n_h // n_kv
         score = (q.view(n_kv, g, half) * k[:, None, :]).sum(1)  # (n_kv, half)
-        return score.topk(p, dim=1).indices.sort(dim=1).values
+        return score.topk(p, dim=1).indices.sort(dim=1).values.cpu()  # index bookkeeping stays on the CPU
     else:
         raise HarnessError(f"unknown mha2mla selection '{selection}'; use one of {', '.join(SELECTIONS)}")
     return idx[None].expand(n_kv, -1).clone()
@@ -41,17 +41,25 @@ def select_pairs(selection: str, p: int, half: int, n_kv: int, n_h: int, layer: 
 
 @register("mha2mla", needs_stats=lambda opts: opts["selection"] == "2norm")  # RoPE pair norms
 def mha2mla(layers, stats, budget, *, rope_pairs: int | None = None, selection: str = "2norm",
-            lowrank: str = "joint"):
-    """Partial RoPE (2-norm selection) + joint SVD of the NoPE keys and the values."""
+            lowrank: str = "joint", width_fraction: float = 1.0):
+    """Partial RoPE (2-norm selection) + joint SVD of the NoPE keys and the values.
+
+    width_fraction < 1 caches that fraction of the budget's width: 0.5 is CARE's "MHA2MLA" baseline,
+    a joint latent of rank r beside split methods with rank r per K and per V, i.e. half their bytes
+    (DESIGN §9); the row's measured kv_save says what it really cached.
+    """
     if lowrank not in ("joint", "split"):
         raise HarnessError(f"unknown mha2mla lowrank '{lowrank}'; use joint or split")
+    if not isinstance(width_fraction, (int, float)) or not 0 < width_fraction <= 1:
+        raise HarnessError(f"mha2mla width_fraction {width_fraction!r} must be in (0, 1]; 1 = the budget's width, "
+                           f"0.5 = CARE's half-bytes baseline")
     out = []
     for a in layers:
         n_kv, d_h, half = a.n_kv, a.d_h, a.d_h // 2
         p = rope_pairs if rope_pairs is not None else max(1, d_h // 16)
         if not 1 <= p <= half:
             raise HarnessError(f"mha2mla rope_pairs {p} must be in [1, {half}] (d_h/2) for d_h={d_h}")
-        w = per_layer_width(budget, n_kv, d_h)
+        w = round(per_layer_width(budget, n_kv, d_h) * width_fraction)
         d_c = w - n_kv * 2 * p
         if d_c < (2 if lowrank == "split" else 1):
             raise HarnessError(
