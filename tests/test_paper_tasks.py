@@ -225,3 +225,24 @@ def test_a_missing_task_reaches_the_sweep_row_and_every_leaderboard_table(tmp_pa
     write_leaderboard(tmp_path, plots=False)
     for name in ("leaderboard.md", "leaderboard.html"):
         assert f"care_eval: {note}" in (tmp_path / name).read_text()
+
+
+def test_paper_sweeps_validate_and_expand_as_documented():
+    from harness.config import load_sweep, parse_sweep
+
+    care = load_sweep(T.TASKS_SOURCE.parent / "sweeps" / "paper-care.yaml")
+    mha = load_sweep(T.TASKS_SOURCE.parent / "sweeps" / "paper-mha2mla.yaml")
+    assert len(care.jobs) == 2 * (1 + 2 * 7) and len(mha.jobs) == 2 * (1 + 3 * 4)
+    job = care.jobs[1]
+    assert (job.calib.corpus, job.calib.samples) == ("chat", 256)
+    assert job.eval.tasks == ("care_eval",) and job.eval.limit is None and mha.jobs[1].eval.tasks == ("mha2mla_eval",)
+    labels = {j.method.display for j in care.jobs if j.method}
+    assert labels == {"palu-svd", "asvd", "svdllm", "mha2mla-matched", "mha2mla-care-halfbytes", "care-u", "care-e"}
+    assert {j.budget.kv_save for j in mha.jobs if j.budget} == {0.6875, 0.8125, 0.875}
+    assert {j.method.options["selection"] for j in mha.jobs if j.method} == {"2norm", "high", "low", "uniform"}
+    # a CPU-sized override (what `--set eval.limit=...` does) is still a valid sweep
+    import yaml
+
+    raw = yaml.safe_load((T.TASKS_SOURCE.parent / "sweeps" / "paper-care.yaml").read_text())
+    raw["eval"]["limit"] = 0.01
+    assert parse_sweep(raw).jobs[1].eval.limit == 0.01
