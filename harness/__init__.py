@@ -3,13 +3,7 @@
     from harness import load_model
     model, tok = load_model("smollm2-135m")
 """
-import os
-from pathlib import Path
-
-
-def cache_root() -> Path:
-    """Content-addressed cache shared by every job: `$MLA_HARNESS_CACHE`, default ~/.cache/mla-harness."""
-    return Path(os.environ.get("MLA_HARNESS_CACHE") or "~/.cache/mla-harness").expanduser()
+from harness.paths import cache_root  # noqa: F401  (re-exported for users)
 
 
 def load_model(*args, **kwargs):

@@ -41,24 +41,40 @@ def _smollm(method: str | None, kv_save: float, path: str, device: str, dtype):
     return model
 
 
-def _llama8b_shapes(method: str | None, kv_save: float, path: str, device: str, dtype, layers: int):
-    """Random weights with Llama-3.1-8B's attention shapes (speed/memory only)."""
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128)
+# A few-MB Llama with the same structure: `--shapes smoke` runs the GPU suite's code path on CPU in seconds.
+SMOKE = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+             num_key_value_heads=2, head_dim=32)
+
+
+def _llama_shapes(method: str | None, kv_save: float, path: str, device: str, dtype, layers: int,
+                  shapes: dict = LLAMA_8B):
+    """Random weights with Llama-3.1-8B's shapes (speed/memory only: they do not depend on the values)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harness.methods import convert
-    from harness.mla import Budget
-
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-                      max_position_embeddings=131072, tie_word_embeddings=False)
+    cfg = LlamaConfig(**shapes, num_hidden_layers=layers, rope_theta=500000.0, max_position_embeddings=131072,
+                      tie_word_embeddings=False)
     with torch.device(device):
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).to(dtype).eval()
     if method:
-        # svd needs no statistics: speed and memory do not depend on which factorization filled the weights
-        opts = {"selection": "high"} if method == "mha2mla" else {}
-        convert(model, "mha2mla" if method == "mha2mla" else "svd", Budget(kv_save=kv_save), None, path=path, **opts)
+        _convert_for_speed(model, method, kv_save, path)
     return model
+
+
+def _convert_for_speed(model, method: str, kv_save: float, path: str) -> dict:
+    """Convert random-weight models without calibration statistics (speed and memory need none):
+    mha2mla with the `high` pair selection has exactly care_mla's module shapes (same RoPE keys,
+    same shared latent width); svd stands for the split-latent methods."""
+    from harness.methods import convert
+    from harness.mla import Budget
+
+    opts = {"selection": "high"} if method == "mha2mla" else {}
+    return convert(model, "mha2mla" if method == "mha2mla" else "svd", Budget(kv_save=kv_save), None, path=path,
+                   **opts)
+
+
 
 
 # ----------------------------------------------------------------------------- one measurement
@@ -73,7 +89,7 @@ def decode_once(cfg: dict, model=None) -> dict:
     if model is None and cfg["model"] == "smollm2-135m":
         model = _smollm(cfg["method"], cfg["kv_save"], cfg["path"], device, dtype)
     elif model is None:
-        model = _llama8b_shapes(cfg["method"], cfg["kv_save"], cfg["path"], device, dtype, cfg["layers"])
+        model = _llama_shapes(cfg["method"], cfg["kv_save"], cfg["path"], device, dtype, cfg["layers"])
     B, T, N = cfg["batch"], cfg["context"], cfg["new_tokens"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, min(model.config.vocab_size, 32000), (B, T), generator=g).to(device)
@@ -277,44 +293,206 @@ def cpu_suite(contexts: list[int], new_tokens: int, batch: int = 1) -> str:
     return "\n".join(lines)
 
 
-def gpu_suite(contexts: list[int], batches: list[int], new_tokens: int, layers: int) -> str:
-    """In one process: the CUDA allocator's peak (reset per measurement) is exact per configuration."""
-    from harness.mla.convert import set_path
+# ----------------------------------------------------------------------------- GPU decode suite
+def _cache_rows(model) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Per layer, the (heads, width) of what the cache stores as keys and as values per token."""
+    from harness.arch import decoder_layers
+    from harness.mla import MLAAttention
 
-    results = []
-    bw = measure_bandwidth("cuda")
-    print(f"measured bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    for method in (None, "svd", "mha2mla"):
-        model = _llama8b_shapes(method, 0.75, "reconstruct", "cuda", torch.bfloat16, layers)
-        wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        warm = {"model": "warmup", "method": method, "kv_save": 0.0, "path": "reconstruct", "device": "cuda",
-                "dtype": "bf16", "batch": 1, "context": 512, "new_tokens": 4, "layers": layers}
-        decode_once(warm, model)  # CUDA context, kernels and allocator warm before timing
-        paths = ["reconstruct", "absorbed"] if method == "mha2mla" else ["reconstruct"]
-        for path in paths:
-            if method:
-                set_path(model, path)
-            for B in batches:
-                for T in contexts:
-                    cfg = {"model": "llama-3.1-8b-shapes", "method": method, "kv_save": 0.75 if method else 0.0,
-                           "path": path, "device": "cuda", "dtype": "bf16", "batch": B, "context": T,
-                           "new_tokens": new_tokens, "layers": layers}
-                    try:
-                        r = decode_once(cfg, model)
-                    except torch.OutOfMemoryError:
-                        torch.cuda.empty_cache()
-                        print(f"out of memory: {cfg}", flush=True)
-                        continue
-                    torch.cuda.empty_cache()
-                    add_floor(r, wbytes, bw)
-                    print(json.dumps(r), flush=True)
-                    results.append(r)
-        del model
+    out = []
+    for d in decoder_layers(model):
+        a = d.self_attn
+        if isinstance(a, MLAAttention):
+            out.append(((1, a.rank), (1, a.cache_width - a.rank)))
+        else:
+            n_kv = a.k_proj.out_features // a.head_dim
+            out.append(((n_kv, a.head_dim), (n_kv, a.head_dim)))
+    return out
+
+
+def fill_cache(model, cache, B: int, T: int) -> None:
+    """Write T random tokens per row into every layer of `cache` (a long prefill of an 8B model would
+    take minutes; decode speed and memory do not depend on the cached values)."""
+    p = next(model.parameters())
+    g = torch.Generator(device=p.device).manual_seed(0)
+    for i, ((hk, wk), (hv, wv)) in enumerate(_cache_rows(model)):
+        k = torch.randn(B, hk, T, wk, generator=g, device=p.device, dtype=p.dtype)
+        v = torch.randn(B, hv, T, wv, generator=g, device=p.device, dtype=p.dtype)
+        cache.update(k, v, i)
+        del k, v
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def decode_static(model, B: int, T: int, N: int, graphs: bool = True) -> dict:
+    """N greedy steps after T cached tokens: StaticCache + (CUDA graph of the step); time and memory."""
+    from transformers import StaticCache
+
+    from harness.mla.cache import cache_bytes
+    from harness.mla.static import StaticDecoder
+
+    device = next(model.parameters()).device.type
+    cache = StaticCache(config=model.config, max_cache_len=T + N + 3)
+    fill_cache(model, cache, B, T)
+    dec = StaticDecoder(model, cache, B)
+    dec.start(torch.randint(0, min(1000, model.config.vocab_size), (B, 1), device=device), T)
+    if graphs and device == "cuda":
+        dec.capture(warmup=2)
+    else:
+        for _ in range(2):
+            dec.step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(N):
+        dec.step()
+    _sync(device)
+    secs = time.perf_counter() - t0
+    return {"step_ms": 1e3 * secs / N, "decode_tok_s": B * N / secs,
+            "cache_bytes": cache_bytes(cache), "cache_slots": B * dec.max_len}
+
+
+@torch.no_grad()
+def decode_dynamic(model, B: int, T: int, N: int) -> dict:
+    """N greedy steps after T cached tokens, plain HF: DynamicCache, eager modules, no mask (SDPA
+    picks its flash kernel with native GQA), the cache grown by concatenation every step."""
+    from transformers import DynamicCache
+
+    from harness.mla.cache import cache_bytes
+
+    device = next(model.parameters()).device.type
+    cache = DynamicCache(config=model.config)
+    fill_cache(model, cache, B, T)
+    nxt = torch.randint(0, min(1000, model.config.vocab_size), (B, 1), device=device)
+    for i in range(N + 2):
+        if i == 2:
+            _sync(device)
+            t0 = time.perf_counter()
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    secs = time.perf_counter() - t0
+    return {"step_ms": 1e3 * secs / N, "decode_tok_s": B * N / secs, "cache_bytes": cache_bytes(cache),
+            "cache_slots": B * (T + N + 2)}
+
+
+def _measure(fn, model, label: dict, B: int, T: int, N: int, weight_bytes: int, bandwidth: float,
+             device: str, **kw) -> dict:
+    """One configuration: the floor, and the measurement or the OOM it hit."""
+    import gc
+
+    from harness.mla import accounted_width
+
+    width = accounted_width(model)
+    esize = next(model.parameters()).element_size()
+    cache_read = B * T * width * esize  # DESIGN §11: weight bytes + B*S*L*w*dtype per step
+    row = {**label, "batch": B, "context": T, "new_tokens": N, "cache_width": width,
+           "cache_bytes_per_token": width * esize, "floor_tok_s": B * bandwidth / (weight_bytes + cache_read)}
+    if device == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "?"
-    return "\n".join([f"### Decode on {name} (random weights, Llama-3.1-8B shapes, {layers} layers, bf16, kv_save 0.75)", "",
-                      f"Measured copy bandwidth: {bw / 1e12:.2f} TB/s. Floor = batch x bandwidth / (weight bytes + cache bytes) per step.", "",
-                      decode_table(results)])
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        row.update(fn(model, B, T, N, **kw))
+        row["share_of_floor"] = row["decode_tok_s"] / row["floor_tok_s"]
+        if device == "cuda":
+            row["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+    except torch.OutOfMemoryError:
+        row["oom"] = True
+    except Exception as e:  # keep the other rows: report the failure in the table and the log
+        import traceback
+
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    finally:
+        if device == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def weight_bytes_per_step(model) -> int:
+    """Parameter bytes a decode step reads: all weights but the input embedding (B rows of it)."""
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
+    return total if tied else total - emb.numel() * emb.element_size()
+
+
+def gpu_suite(contexts: list[int], batches: list[int], new_tokens: int, layers: int, kv_save: float = 0.75,
+              device: str = "cuda", shapes: dict = LLAMA_8B) -> tuple[str, list[dict]]:
+    """Decode speed of the original (two ways) and of care_mla/mha2mla on the absorbed path with the
+    fused kernel, in one process and one run: tok/s, the memory-bound floor, share of it, peak memory."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cpu":  # the smoke run: tiny ops, where OpenMP barriers on a busy machine cost more than the math
+        torch.set_num_threads(1)
+    bw = measure_bandwidth(device, 1024 if device == "cuda" else 64)
+    total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
+    print(f"measured copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    t0 = time.perf_counter()
+    model = _llama_shapes(None, 0.0, "reconstruct", device, dtype, layers, shapes)
+    print(f"built the random-weight model in {time.perf_counter() - t0:.1f} s", flush=True)
+    rows = []
+    wb = weight_bytes_per_step(model)
+    static = "StaticCache + CUDA graph" if device == "cuda" else "StaticCache (no graph on CPU)"
+    for B in batches:
+        for T in contexts:
+            rows.append(_measure(decode_static, model, {"model": "original", "decode": f"{static}, SDPA"},
+                                 B, T, new_tokens, wb, bw, device, graphs=device == "cuda"))
+            rows.append(_measure(decode_dynamic, model, {"model": "original", "decode": "DynamicCache, eager, SDPA (flash, GQA)"},
+                                 B, T, new_tokens, wb, bw, device))
+    t0 = time.perf_counter()
+    rec = _convert_for_speed(model, "mha2mla", kv_save, "absorbed")
+    print(f"converted in {time.perf_counter() - t0:.1f} s: {rec['accounting']}", flush=True)
+    wb = weight_bytes_per_step(model)
+    for B in batches:
+        for T in contexts:
+            rows.append(_measure(decode_static, model, {"model": f"care_mla / mha2mla (kv_save {kv_save})",
+                                                        "decode": f"{static}, absorbed, "
+                                                                  + ("fused kernel" if device == "cuda" else "reference")},
+                                 B, T, new_tokens, wb, bw, device, graphs=device == "cuda"))
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
+    what = "Llama-3.1-8B shapes" if shapes is LLAMA_8B else "smoke-test shapes"
+    text = "\n".join([
+        f"### Decode on {name} (random weights, {what}, {layers} layers, {str(dtype).replace('torch.', '')}, kv_save {kv_save})",
+        "",
+        f"Measured copy bandwidth: {bw / 1e12:.2f} TB/s. Floor = batch x bandwidth / (weight bytes + batch x context "
+        f"x cache bytes/token) per step, weight bytes = all parameters but the input embedding "
+        f"({wb / 2**30:.2f} GiB converted). The cache holds `context` random tokens (no prefill: decode speed and "
+        f"memory do not depend on the values), then {new_tokens} greedy steps are timed after 2 warm-up steps. "
+        "vs original = against the faster of the two original rows at that batch and context. Peak memory is "
+        "the CUDA allocator's peak over the run, weights included.",
+        "",
+        gpu_table(rows, total),
+    ])
+    return text, rows
+
+
+def gpu_table(rows: list[dict], total_mem: int | None) -> str:
+    lines = ["| model | decode | batch | context | tok/s | vs original | floor tok/s | share of floor | step ms | "
+             "cache bytes/token | peak mem |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    best = {}
+    for r in rows:
+        if r["model"] == "original" and "decode_tok_s" in r:
+            k = (r["batch"], r["context"])
+            best[k] = max(best.get(k, 0.0), r["decode_tok_s"])
+    fits = f"does not fit in {total_mem / 2**30:.1f} GiB" if total_mem else "does not fit"
+    for r in rows:
+        head = f"| {r['model']} | {r['decode']} | {r['batch']} | {r['context']} "
+        if r.get("oom") or r.get("error"):
+            what = f"OOM ({fits})" if r.get("oom") else f"ERROR ({r['error']})"
+            lines.append(head + f"| {what} | - | {r['floor_tok_s']:.0f} | - | - | {r['cache_bytes_per_token']} | - |")
+            continue
+        ref = best.get((r["batch"], r["context"]))
+        vs = f"{r['decode_tok_s'] / ref:.2f}x" if ref else "original OOM"
+        peak = _fmt_bytes(r["peak_mem_bytes"]) if "peak_mem_bytes" in r else "-"
+        lines.append(head + f"| {r['decode_tok_s']:.1f} | {vs} | {r['floor_tok_s']:.0f} | {100 * r['share_of_floor']:.0f}% "
+                     f"| {r['step_ms']:.2f} | {r['cache_bytes_per_token']} | {peak} |")
+    return "\n".join(lines)
 
 
 def write_section(report: Path, suite: str, text: str) -> None:
@@ -335,18 +513,34 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--contexts", default=None, help="comma-separated context lengths")
-    p.add_argument("--batches", default="1,16")
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (gpu default 1,16,64)")
+    p.add_argument("--new-tokens", type=int, default=None, help="decode steps timed (cpu 16, gpu 32)")
     p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--kv-save", type=float, default=0.75)
+    p.add_argument("--shapes", default="llama-3.1-8b", choices=["llama-3.1-8b", "smoke"],
+                   help="gpu suite model shapes; smoke: a tiny Llama that runs the code path on CPU")
     p.add_argument("--out", default=str(REPORT))
+    p.add_argument("--json", default=None, help="also write the gpu suite's rows here")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cmd = "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.suite == "cpu":
-        body = cpu_suite([int(x) for x in (a.contexts or "2048,8192").split(",")], a.new_tokens)
+        body = cpu_suite([int(x) for x in (a.contexts or "2048,8192").split(",")], a.new_tokens or 16)
     else:
-        body = gpu_suite([int(x) for x in (a.contexts or "4096,16384,32768").split(",")],
-                         [int(x) for x in a.batches.split(",")], a.new_tokens, a.layers)
+        smoke = a.shapes == "smoke"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and not smoke:
+            from harness.errors import HarnessError
+
+            raise HarnessError("the gpu suite needs CUDA; on a CPU machine use --shapes smoke to check its code path")
+        body, rows = gpu_suite([int(x) for x in (a.contexts or "4096,16384,32768").split(",")],
+                               [int(x) for x in (a.batches or "1,16,64").split(",")], a.new_tokens or 32,
+                               a.layers, a.kv_save, device, SMOKE if smoke else LLAMA_8B)
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(a.json).with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows, indent=1))
+            os.replace(tmp, a.json)
     head = (f"## {a.suite.upper()} suite\n\nCommand: `{cmd.strip()}`  \nMachine: {platform.node()} "
             f"({os.cpu_count()} CPUs, torch {torch.__version__})  \nDate: {time.strftime('%Y-%m-%d')}\n")
     out = Path(a.out)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from harness import cache_root
+from harness.paths import cache_root
 from harness.errors import HarnessError
 from harness.arch import attention_layers, weights_fingerprint
 
@@ -130,10 +130,12 @@ def collect_stats(model, windows: torch.Tensor, batch_size: int = 8, progress: b
     return st
 
 
-def stats_key(model, spec: CalibSpec) -> str:
+def stats_key(model, spec: CalibSpec, bos: bool = False) -> str:
     ident = {"v": STATS_VERSION, "weights": weights_fingerprint(model), "corpus": spec.corpus,
              "n": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed,
              "dtype": str(next(model.parameters()).dtype)}
+    if bos:  # windows start with BOS (keys of BOS-less tokenizers are what they always were)
+        ident["bos"] = True
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -145,13 +147,15 @@ def get_stats(model, tokenizer, spec: CalibSpec, *, cache: bool = True, progress
     """
     from filelock import FileLock
 
-    from harness.data import token_windows
+    from harness.data import adds_bos, token_windows
 
-    key = stats_key(model, spec)
+    bos = adds_bos(tokenizer)
+    key = stats_key(model, spec, bos)
     folder = cache_root() / "stats"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.pt"
-    meta = {"key": key, "corpus": spec.corpus, "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed}
+    meta = {"key": key, "corpus": spec.corpus, "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed,
+            "bos": bos}
     with FileLock(str(path) + ".lock"):
         if cache and path.exists():
             d = torch.load(path, map_location="cpu", weights_only=True)
@@ -159,7 +163,7 @@ def get_stats(model, tokenizer, spec: CalibSpec, *, cache: bool = True, progress
                        n_tokens=int(d["n_tokens"]), meta={**meta, "seconds": float(d["seconds"]), "cached": True})
             st.check()
             return st
-        windows = token_windows(tokenizer, spec.corpus, "calib", spec.samples, spec.seq_len, spec.seed)
+        windows = token_windows(tokenizer, spec.corpus, "calib", spec.samples, spec.seq_len, spec.seed, bos=bos)
         t0 = time.perf_counter()
         st = collect_stats(model, windows, spec.batch_size, progress=progress)
         secs = time.perf_counter() - t0

@@ -1,251 +1,36 @@
-"""Sweep and job configs: YAML validated into dataclasses before any compute.
+"""Sweep files: YAML (plus `--set key=value` overrides) validated into `harness.specs` dataclasses.
 
 A sweep file (see sweeps/quick.yaml) expands to the grid
     models x calibration x budgets x methods (x heal), plus one unconverted baseline per model.
-Every problem in a file is reported at once, each with its YAML key path and line.
-A job's identity is a hash of its resolved config, so the same job in another sweep file or
-a rerun is recognised as done.
+Every problem in a file is reported at once, each with its YAML key path and line (or the
+`--set` that caused it), before any model is loaded: field types and ranges (`specs.check_fields`),
+and names checked against the registries they live in (corpora, methods and their options,
+executors and theirs, lm-eval tasks are checked when they run). A job's identity is a hash of its
+resolved config (`JobConfig.job_id`), so the same job in another sweep file or a rerun is done.
+
+    load_sweep("sweeps/paper-care.yaml", overrides=["models=[gemma3-270m]", "eval.limit=null"])
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import yaml
 
 from harness.errors import HarnessError
+from harness.options import parse_assignments
+from harness.specs import (BudgetConfig, CalibConfig, EvalConfig, HealConfig, JobConfig, MethodConfig, PplConfig,
+                           SweepConfig, check_fields, heal_config)
+
+TOP_KEYS = ("name", "models", "calibration", "budgets", "methods", "baseline", "heal", "heal_baseline", "eval",
+            "executor", "wandb", "device", "dtype")
+OVERRIDE = "--set"  # what the problems of an override are reported against, instead of a file line
 
 
-@dataclass(frozen=True)
-class CalibConfig:
-    corpus: str = "wiki"  # calibration corpus (mla-harness corpora)
-    samples: int = 64  # number of windows
-    seq_len: int = 256  # tokens per window
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    name: str  # registered method (mla-harness methods)
-    label: str = ""  # name shown in tables; default: name + options
-    options: dict = field(default_factory=dict)  # the method's keyword options
-
-    @property
-    def display(self) -> str:
-        if self.label:
-            return self.label
-        if not self.options:
-            return self.name
-        return self.name + "(" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items())) + ")"
-
-
-@dataclass(frozen=True)
-class BudgetConfig:
-    kv_save: float | None = None  # fraction of the KV cache saved
-    rank: int | None = None  # or an explicit rank per K and per V
-
-
-# ------------------------------------------------------------------ healing (harness.heal)
-HEAL_MODES = ("none", "lora", "full")
-HEAL_SCHEDULES = ("cosine", "wsd")
-MLA_TARGETS = ("down", "up_k", "up_v", "k_rope_proj")  # the MLA module's new projections
-HEAL_TARGETS = MLA_TARGETS + ("q_proj", "o_proj")  # LoRA may also adapt the original q/o
-FULL_TARGETS = ("all", "attention")  # full fine-tuning: every parameter, or attention modules only
-
-
-@dataclass(frozen=True)
-class HealConfig:
-    """Healing after conversion (`heal:` in a sweep; `harness.heal.HealSpec` is this class).
-
-    The sweep key, the field and the `python -m harness.heal` flag share one name.
-    """
-
-    mode: str = "none"  # none | lora | full
-    tokens: int = 0  # training-token budget (input tokens; whole optimizer steps, never more)
-    label: str = ""  # name shown in tables; default: mode and tokens ("lora-300k")
-    lr: float = 1e-3  # peak learning rate (LoRA ~1e-3; full fine-tuning ~1e-4)
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    targets: tuple = MLA_TARGETS  # lora: module names (of HEAL_TARGETS); full: all | attention
-    kd_weight: float = 0.0  # loss = CE + kd_weight * T^2 * KL(teacher || student), teacher = original model
-    kd_temperature: float = 1.0
-    schedule: str = "cosine"  # cosine (warmup + cosine to 0) | wsd (warmup, constant, 1-sqrt decay; MHA2MLA)
-    warmup_frac: float = 0.05  # share of optimizer steps spent warming up
-    decay_frac: float = 0.2  # wsd: share of optimizer steps in the final 1-sqrt decay
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # gradient clipping (0: off)
-    batch_size: int = 8  # windows per micro-batch
-    seq_len: int = 256
-    grad_accum: int = 1  # micro-batches per optimizer step
-    corpora: tuple = ("wiki",)  # training mix: equal shares of each corpus's calib split
-    seed: int = 0
-    eval_every_tokens: tuple = ()  # token counts at which to measure perplexity (the healing curve)
-
-    @property
-    def display(self) -> str:
-        if self.label or self.mode == "none":
-            return self.label or "none"
-        t = self.tokens
-        size = f"{t / 1e6:g}M" if t >= 1_000_000 else f"{t / 1e3:g}k" if t >= 1000 else str(t)
-        return f"{self.mode}-{size}"
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.seq_len
-
-
-def _names(v) -> list:
-    return [v] if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) else [repr(v)]
-
-
-def check_heal(h: HealConfig) -> list[tuple[str, str]]:
-    """Every problem of a heal config as (key, message); empty when it is valid."""
-    if h.mode not in HEAL_MODES:
-        return [("mode", f"unknown heal mode {h.mode!r}; use one of {', '.join(HEAL_MODES)}")]
-    if h.mode == "none":
-        return []
-    out = []
-
-    def positive(key, integer):
-        v = getattr(h, key)
-        ok = isinstance(v, int) and not isinstance(v, bool) if integer else isinstance(v, (int, float))
-        if not ok or v <= 0:
-            out.append((key, f"{v!r} must be a positive {'integer' if integer else 'number'}"))
-
-    for k in ("tokens", "batch_size", "seq_len", "grad_accum", "lora_rank"):
-        positive(k, True)
-    for k in ("lr", "lora_alpha", "kd_temperature"):
-        positive(k, False)
-    for k in ("lora_dropout", "warmup_frac", "decay_frac"):
-        v = getattr(h, k)
-        if not isinstance(v, (int, float)) or not 0 <= v < 1:
-            out.append((k, f"{v!r} must be in [0, 1)"))
-    for k in ("kd_weight", "weight_decay", "max_grad_norm"):
-        v = getattr(h, k)
-        if not isinstance(v, (int, float)) or v < 0:
-            out.append((k, f"{v!r} must be a number >= 0"))
-    if h.schedule not in HEAL_SCHEDULES:
-        out.append(("schedule", f"unknown schedule {h.schedule!r}; use one of {', '.join(HEAL_SCHEDULES)}"))
-    targets = _names(h.targets)
-    known = HEAL_TARGETS if h.mode == "lora" else FULL_TARGETS
-    bad = [t for t in targets if t not in known]
-    if not targets or bad:
-        out.append(("targets", f"{bad or targets!r} for mode {h.mode}: use "
-                               + ("a list of " + ", ".join(known) if h.mode == "lora" else "all or attention")))
-    elif h.mode == "full" and len(targets) != 1:
-        out.append(("targets", f"{targets!r}: full fine-tuning takes one of all, attention"))
-    from harness.data import CORPORA
-
-    corpora = _names(h.corpora)
-    if not corpora:
-        out.append(("corpora", "give at least one training corpus (e.g. [wiki])"))
-    for c in corpora:
-        if c not in CORPORA:
-            out.append(("corpora", f"unknown corpus {c!r}; known: {', '.join(sorted(CORPORA))}"))
-    marks = list(h.eval_every_tokens) if isinstance(h.eval_every_tokens, (list, tuple)) else [h.eval_every_tokens]
-    if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in marks):
-        out.append(("eval_every_tokens", f"{marks!r} must be a list of token counts >= 0"))
-    elif isinstance(h.tokens, int) and any(t > h.tokens for t in marks):
-        out.append(("eval_every_tokens", f"{marks!r} goes past the budget tokens={h.tokens}"))
-    return out
-
-
-HEAL_FLOAT_KEYS = ("lr", "lora_alpha", "lora_dropout", "kd_weight", "kd_temperature", "warmup_frac",
-                   "decay_frac", "weight_decay", "max_grad_norm")
-
-
-def _number(v):
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
-
-
-def heal_config(raw: dict | None = None, **overrides) -> HealConfig:
-    """A HealConfig with list fields made tuples (hashable, stable job ids); `none` is canonical."""
-    d = {**(raw or {}), **overrides}
-    for k in ("targets", "corpora", "eval_every_tokens"):
-        if isinstance(d.get(k), str) and k != "eval_every_tokens":
-            d[k] = (d[k],)
-        elif isinstance(d.get(k), list):
-            d[k] = tuple(d[k])
-    h = HealConfig(**d)
-    if h.mode == "none":  # every "none" is the same job, whatever else it says
-        return HealConfig()
-    if h.mode == "full" and h.targets == MLA_TARGETS:
-        import dataclasses
-
-        h = dataclasses.replace(h, targets=("all",))
-    return h
-
-
-@dataclass(frozen=True)
-class PplConfig:
-    domains: tuple = ("wiki", "code")
-    samples: int = 32
-    seq_len: int = 256
-    seed: int = 1
-    batch_size: int = 8
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    ppl: PplConfig = PplConfig()
-    tasks: tuple = ()  # lm-eval task or group names (tasks/), e.g. [mla_core]
-    limit: float | None = None  # lm-eval --limit (docs per task, or a fraction)
-    num_fewshot: int | None = None
-    batch_size: int = 8
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    """One unit of work; `job_id` hashes everything that changes its result."""
-
-    model: str
-    method: MethodConfig | None  # None: the unconverted baseline
-    calib: CalibConfig | None
-    budget: BudgetConfig | None
-    heal: HealConfig = HealConfig()
-    eval: EvalConfig = EvalConfig()
-    device: str | None = None
-    dtype: str | None = None
-
-    @property
-    def job_id(self) -> str:
-        d = asdict(self)
-        if self.heal.mode == "none":  # ids from before healing existed stay valid
-            d["heal"] = {"mode": "none", "tokens": 0}
-        blob = json.dumps(d, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.method is None
-
-    def describe(self) -> str:
-        if self.is_baseline:
-            return f"{self.model} baseline"
-        b = f"kv_save={self.budget.kv_save}" if self.budget.kv_save is not None else f"rank={self.budget.rank}"
-        heal = f" heal={self.heal.display}" if self.heal.mode != "none" else ""
-        return f"{self.model} {self.method.display} {b} calib={self.calib.corpus}{heal}"
-
-
-@dataclass
-class SweepConfig:
-    name: str
-    jobs: list[JobConfig]
-    executor: str = "serial"  # serial | ray | submitit (harness.executors)
-    wandb: bool = True
-    source: str = ""
-    executor_options: dict = field(default_factory=dict)  # the executor's keyword options
-
-
-# ----------------------------------------------------------------------------------- parsing
+# ----------------------------------------------------------------------------------- problems
 def _lines(text: str) -> dict[tuple, int]:
     """Line number (1-based) of every mapping key / sequence item, by key path."""
     out: dict[tuple, int] = {}
@@ -270,7 +55,9 @@ def _lines(text: str) -> dict[tuple, int]:
     return out
 
 
-class _Problems:
+class Problems:
+    """Collects `where: key.path: message` lines; `raise_if_any` raises them as one HarnessError."""
+
     def __init__(self, source: str, lines: dict):
         self.source, self.lines, self.items = source, lines, []
 
@@ -280,9 +67,13 @@ class _Problems:
             if path[:k] in self.lines:
                 line = self.lines[path[:k]]
                 break
-        key = ".".join(str(p) for p in path) or "(top)"
-        where = f"{self.source}:{line}" if line else self.source
-        self.items.append(f"{where}: {key}: {msg}")
+        key = ".".join(str(p) for p in path if p != "") or "(top)"
+        where = (f"{OVERRIDE} {key}" if line == OVERRIDE else f"{self.source}:{line}" if line else self.source)
+        self.items.append(f"{where}: {key}: {msg}" if line != OVERRIDE else f"{where}: {msg}")
+
+    def extend(self, path: tuple, problems: list[tuple[str, str]]):
+        for key, msg in problems:
+            self.add(path + ((key,) if key else ()), msg)
 
     def raise_if_any(self):
         if self.items:
@@ -290,45 +81,188 @@ class _Problems:
             raise HarnessError((head + "\n  " if head else "") + "\n  ".join(self.items))
 
 
-def _typed(cls, data, path, probs: _Problems):
-    """Build dataclass `cls` from a dict, reporting unknown keys and wrong types."""
+def typed(cls, data, path, probs: Problems):
+    """Build dataclass `cls` from a mapping, reporting unknown keys, wrong types and ranges."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        probs.add(path, f"expected a mapping with keys {', '.join(cls.__dataclass_fields__)}, got {type(data).__name__}")
+        probs.add(path, f"expected a mapping with keys {', '.join(f.name for f in fields(cls))}, got {type(data).__name__}")
         return None
-    known = cls.__dataclass_fields__
+    known = [f.name for f in fields(cls)]
     kwargs = {}
     for k, v in data.items():
         if k not in known:
-            import difflib
-
             close = difflib.get_close_matches(str(k), list(known), n=1)
             probs.add(path + (k,), f"unknown key{f' (did you mean {close[0]!r}?)' if close else ''}; "
                                    f"known: {', '.join(known)}")
             continue
-        kwargs[k] = v
+        kwargs[k] = tuple(v) if isinstance(v, list) else v
     try:
         obj = cls(**kwargs)
     except TypeError as e:
         probs.add(path, str(e))
         return None
-    # light type checks on scalar fields
-    for k, f in known.items():
-        v = getattr(obj, k)
-        t = str(f.type)
-        if v is None:
+    problems = obj.problems() if hasattr(obj, "problems") else check_fields(obj)
+    probs.extend(path, problems)
+    return None if problems else obj
+
+
+def _count(v):
+    """Token counts may be written 20M, 300k or 1.5e6 in a sweep file."""
+    if isinstance(v, str):
+        t = v.strip().lower().replace("_", "")
+        scale = {"k": 1_000, "m": 1_000_000}.get(t[-1:], 1)
+        try:
+            return int(round(float(t[:-1] if scale > 1 else t) * scale))
+        except ValueError:
+            return v
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _number(v):
+    """YAML 1.1 reads 1e-3 (no dot) as a string: accept it where a number is expected."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+# ----------------------------------------------------------------------------------- overrides
+def apply_overrides(raw: dict, overrides: list[str], lines: dict) -> tuple[dict, str]:
+    """Apply `key.path=value` assignments (value read as YAML) to a sweep mapping.
+
+    Returns (the new mapping, a suffix for the sweep's name that says what was overridden, so
+    results of an overridden sweep never land in the folder of the plain one). Lines of the
+    overridden keys are marked so that their problems name the `--set`, not a file line.
+    """
+    if not overrides:
+        return raw, ""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy
+    parts = []
+    for key, value in parse_assignments(overrides, OVERRIDE).items():
+        path = key.split(".")
+        node = raw
+        for p in path[:-1]:
+            nxt = node.get(p) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise HarnessError(f"{OVERRIDE} {key}: {p!r} is not a mapping in the sweep; set the whole key instead")
+            node = nxt
+        node[path[-1]] = value
+        lines[tuple(path)] = OVERRIDE
+        for k in [k for k in lines if k[:len(path)] == tuple(path) and len(k) > len(path)]:
+            lines[k] = OVERRIDE
+        if path != ["name"]:
+            parts.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+    if "name" in {k.split(".")[0] for k in parse_assignments(overrides, OVERRIDE)}:
+        return raw, ""
+    slug = re.sub(r"[^A-Za-z0-9_.=,-]+", "", "+".join(parts).replace(" ", ""))
+    if len(slug) > 48:
+        slug = slug[:36] + "-" + hashlib.sha256("+".join(parts).encode()).hexdigest()[:8]
+    return raw, "+" + slug if slug else ""
+
+
+# ----------------------------------------------------------------------------------- sections
+def _models(raw, probs) -> list[str]:
+    from harness.models import EMBEDDED
+
+    models = raw.get("models") or []
+    if isinstance(models, str):
+        models = [models]
+    if not models:
+        probs.add(("models",), "give at least one model (e.g. [smollm2-135m])")
+    for i, m in enumerate(models):
+        if not isinstance(m, str):
+            probs.add(("models", i), f"expected a model name/path, got {m!r}")
+        elif m not in EMBEDDED and not (Path(m).expanduser().exists() or m.count("/") == 1):
+            close = difflib.get_close_matches(m, list(EMBEDDED), n=1)
+            probs.add(("models", i), f"'{m}' is not an embedded model ({', '.join(EMBEDDED)}), a path or a hub id"
+                      + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return models
+
+
+def _corpus(name, path, probs) -> None:
+    from harness.data import corpus_problem
+
+    msg = corpus_problem(name)
+    if msg:
+        probs.add(path, msg)
+
+
+def _methods(raw, probs) -> list[MethodConfig]:
+    from harness.methods import METHODS
+
+    out = []
+    for i, m in enumerate(raw.get("methods") or []):
+        if isinstance(m, str):
+            m = {"name": m}
+        mc = typed(MethodConfig, m, ("methods", i), probs)
+        if mc is None:
             continue
-        if t.startswith("int") and (not isinstance(v, int) or isinstance(v, bool)):
-            probs.add(path + (k,), f"expected an integer, got {v!r}")
-        elif t.startswith("float") and not isinstance(v, (int, float)):
-            probs.add(path + (k,), f"expected a number, got {v!r}")
-        elif t == "str" and not isinstance(v, str):
-            probs.add(path + (k,), f"expected a string, got {v!r}")
-    return obj
+        if mc.name not in METHODS:
+            close = difflib.get_close_matches(str(mc.name), list(METHODS), n=1)
+            probs.add(("methods", i, "name"), f"unknown method {mc.name!r}; known: {', '.join(sorted(METHODS))}"
+                      + (f" (did you mean {close[0]!r}?)" if close else ""))
+            continue
+        opts = dict(mc.options or {})
+        problems = METHODS[mc.name].option_problems(opts)
+        probs.extend(("methods", i, "options"), problems)
+        if not problems:  # numbers YAML read as strings are stored as numbers (stable job ids)
+            opts = {k: v for k, v in METHODS[mc.name].check_options(opts).items() if k in opts}
+        out.append(replace(mc, options=opts))
+    return out
 
 
-def parse_executor(value, probs: _Problems) -> tuple[str, dict]:
+def _heals(raw, probs) -> list[HealConfig]:
+    heals = raw.get("heal") or [{"mode": "none"}]
+    if isinstance(heals, (dict, str)):
+        heals = [heals]
+    float_keys = {f for f, t in HealConfig.__annotations__.items() if t == "float"}
+    out = []
+    for i, h in enumerate(heals):
+        if isinstance(h, str):
+            h = {"mode": h}
+        if isinstance(h, dict):
+            h = {k: _number(v) if k in float_keys else [v] if k in ("targets", "corpora") and isinstance(v, str)
+                 else _count(v) if k == "tokens" else [_count(t) for t in v]
+                 if k == "eval_every_tokens" and isinstance(v, list) else v for k, v in h.items()}
+            if isinstance(h.get("corpora"), dict):  # {wiki: 0.4, chat: 0.6}: corpora with their token shares
+                h["weights"] = [_number(w) for w in h["corpora"].values()]
+                h["corpora"] = list(h["corpora"])
+            if h.get("mode") == "full" and "targets" not in h:  # full fine-tuning's default scope
+                h["targets"] = ["all"]
+        hc = typed(HealConfig, h, ("heal", i), probs)
+        corpora = h.get("corpora", HealConfig.corpora) if isinstance(h, dict) and h.get("mode") != "none" else ()
+        for j, c in enumerate(corpora if isinstance(corpora, (list, tuple)) else ()):
+            _corpus(c, ("heal", i, "corpora", j), probs)
+        if hc is not None:
+            out.append(heal_config(asdict(hc)))
+    return list(dict.fromkeys(out))  # one "none" however often it is listed
+
+
+def _eval(raw, probs) -> EvalConfig | None:
+    ev = raw.get("eval") or {}
+    if not isinstance(ev, dict):
+        probs.add(("eval",), "expected a mapping")
+        return None
+    ppl = typed(PplConfig, ev.get("ppl"), ("eval", "ppl"), probs)
+    rest = {k: v for k, v in ev.items() if k != "ppl"}
+    if isinstance(rest.get("tasks"), str):
+        rest["tasks"] = [rest["tasks"]]
+    evc = typed(EvalConfig, rest, ("eval",), probs)
+    domains = (ev.get("ppl") or {}).get("domains", PplConfig.domains) if isinstance(ev.get("ppl"), (dict, type(None))) else ()
+    for j, d in enumerate(domains if isinstance(domains, (list, tuple)) else ()):
+        _corpus(d, ("eval", "ppl", "domains", j), probs)
+    if ppl is None or evc is None:
+        return None
+    limit = int(evc.limit) if isinstance(evc.limit, float) and evc.limit.is_integer() and evc.limit >= 1 else evc.limit
+    return replace(evc, ppl=replace(ppl, domains=tuple(ppl.domains)), tasks=tuple(evc.tasks or ()), limit=limit)
+
+
+def _executor(value, probs) -> tuple[str, dict]:
     """`executor: ray` or `executor: {name: ray, num_gpus: 1, ...}` -> (name, options)."""
     from harness.executors import check_executor
 
@@ -348,12 +282,9 @@ def parse_executor(value, probs: _Problems) -> tuple[str, dict]:
     return name, options
 
 
-TOP_KEYS = ("name", "models", "calibration", "budgets", "methods", "baseline", "heal", "eval",
-            "executor", "wandb", "device", "dtype")
-
-
-def load_sweep(path: str | Path) -> SweepConfig:
-    """Read and validate a sweep YAML; raise one HarnessError listing every problem."""
+# ----------------------------------------------------------------------------------- loading
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Read and validate a sweep YAML (with `key.path=value` overrides); one HarnessError lists every problem."""
     path = Path(path)
     if not path.exists():
         raise HarnessError(f"sweep file {path} does not exist; see sweeps/ for examples")
@@ -364,114 +295,48 @@ def load_sweep(path: str | Path) -> SweepConfig:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise HarnessError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
-    return parse_sweep(raw, source=str(path), lines=_lines(text))
+    return parse_sweep(raw, source=str(path), lines=_lines(text), overrides=overrides)
 
 
-def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None) -> SweepConfig:
-    from harness.methods import METHODS
-    from harness.models import EMBEDDED
-
-    probs = _Problems(source, lines or {})
+def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None,
+                overrides: list[str] | None = None) -> SweepConfig:
+    lines = dict(lines or {})
     if not isinstance(raw, dict):
         raise HarnessError(f"{source}: a sweep file is a mapping with keys {', '.join(TOP_KEYS)}")
+    raw, suffix = apply_overrides(raw, overrides or [], lines)
+    probs = Problems(source, lines)
     for k in raw:
         if k not in TOP_KEYS:
-            probs.add((k,), f"unknown key; known: {', '.join(TOP_KEYS)}")
-    name = raw.get("name") or Path(source).stem
-    models = raw.get("models") or []
-    if isinstance(models, str):
-        models = [models]
-    if not models:
-        probs.add(("models",), "give at least one model (e.g. [smollm2-135m])")
-    for i, m in enumerate(models):
-        if not isinstance(m, str):
-            probs.add(("models", i), f"expected a model name/path, got {m!r}")
-        elif m not in EMBEDDED and not (Path(m).expanduser().exists() or m.count("/") == 1):
-            probs.add(("models", i), f"'{m}' is not an embedded model ({', '.join(EMBEDDED)}), a path or a hub id")
-
-    calibs = [_typed(CalibConfig, c, ("calibration", i), probs) for i, c in enumerate(raw.get("calibration") or [{}])]
-    budgets = []
-    for i, b in enumerate(raw.get("budgets") or []):
-        bc = _typed(BudgetConfig, b, ("budgets", i), probs)
-        if bc is None:
-            continue
-        if (bc.kv_save is None) == (bc.rank is None):
-            probs.add(("budgets", i), "give exactly one of kv_save or rank")
-        elif bc.kv_save is not None and not (isinstance(bc.kv_save, (int, float)) and 0 <= bc.kv_save < 1):
-            probs.add(("budgets", i, "kv_save"), f"{bc.kv_save!r} is outside [0, 1)")
-        elif bc.rank is not None and (not isinstance(bc.rank, int) or bc.rank < 1):
-            probs.add(("budgets", i, "rank"), f"{bc.rank!r} must be an integer >= 1")
-        budgets.append(bc)
-    methods = []
-    for i, m in enumerate(raw.get("methods") or []):
-        if isinstance(m, str):
-            m = {"name": m}
-        mc = _typed(MethodConfig, m, ("methods", i), probs)
-        if mc is None:
-            continue
-        if mc.name not in METHODS:
-            import difflib
-
-            close = difflib.get_close_matches(str(mc.name), list(METHODS), n=1)
-            probs.add(("methods", i, "name"), f"unknown method {mc.name!r}; known: {', '.join(sorted(METHODS))}"
-                      + (f" (did you mean {close[0]!r}?)" if close else ""))
-        else:
-            known = METHODS[mc.name].options
-            for k in mc.options or {}:
-                if k not in known:
-                    probs.add(("methods", i, "options", k), f"method {mc.name!r} has no option {k!r}; "
-                              f"options: {', '.join(known) or '(none)'}")
-        methods.append(MethodConfig(name=mc.name, label=mc.label, options=dict(mc.options or {})))
-    if methods and not budgets:
-        probs.add(("budgets",), "methods need at least one budget (e.g. - {kv_save: 0.5})")
-    heals = raw.get("heal") or [{"mode": "none"}]
-    if isinstance(heals, dict):
-        heals = [heals]
-    heal_cfgs = []
-    for i, h in enumerate(heals):
-        if isinstance(h, str):
-            h = {"mode": h}
-        if isinstance(h, dict):  # YAML reads 1e-3 (no dot) as a string: accept it for number fields
-            h = {k: _number(v) if k in HEAL_FLOAT_KEYS else v for k, v in h.items()}
-        hc = _typed(HealConfig, h, ("heal", i), probs)
-        if hc is None:
-            continue
-        hc = heal_config(asdict(hc))
-        for key, msg in check_heal(hc):
-            probs.add(("heal", i, key), msg)
-        heal_cfgs.append(hc)
-    ev = raw.get("eval") or {}
-    ppl = _typed(PplConfig, ev.get("ppl") if isinstance(ev, dict) else None, ("eval", "ppl"), probs)
-    if isinstance(ev, dict):
-        ev_rest = {k: v for k, v in ev.items() if k != "ppl"}
-        evc = _typed(EvalConfig, ev_rest, ("eval",), probs)
-    else:
-        probs.add(("eval",), "expected a mapping")
-        evc = None
-    if ppl is not None:
-        from harness.data import CORPORA
-
-        for j, d in enumerate(ppl.domains):
-            if d not in CORPORA:
-                probs.add(("eval", "ppl", "domains", j), f"unknown corpus {d!r}; known: {', '.join(sorted(CORPORA))}")
+            close = difflib.get_close_matches(str(k), TOP_KEYS, n=1)
+            probs.add((k,), f"unknown key{f' (did you mean {close[0]!r}?)' if close else ''}; known: {', '.join(TOP_KEYS)}")
+    name = str(raw.get("name") or Path(source).stem) + suffix
+    models = _models(raw, probs)
+    calibs = [typed(CalibConfig, c, ("calibration", i), probs) for i, c in enumerate(raw.get("calibration") or [{}])]
     for i, c in enumerate(calibs):
         if c is not None:
-            from harness.data import CORPORA
-
-            if c.corpus not in CORPORA:
-                probs.add(("calibration", i, "corpus"), f"unknown corpus {c.corpus!r}; known: {', '.join(sorted(CORPORA))}")
-    executor, executor_options = parse_executor(raw.get("executor", "serial"), probs)
+            _corpus(c.corpus, ("calibration", i, "corpus"), probs)
+    budgets = [typed(BudgetConfig, b, ("budgets", i), probs) for i, b in enumerate(raw.get("budgets") or [])]
+    budgets = [b for b in budgets if b is not None]
+    methods = _methods(raw, probs)
+    if methods and not raw.get("budgets"):
+        probs.add(("budgets",), "methods need at least one budget (e.g. - {kv_save: 0.5})")
+    heal_cfgs = _heals(raw, probs)
+    evc = _eval(raw, probs)
+    executor, executor_options = _executor(raw.get("executor", "serial"), probs)
     probs.raise_if_any()
 
-    heal_cfgs = list(dict.fromkeys(heal_cfgs))  # one "none" however often it is listed
-    evc = EvalConfig(ppl=PplConfig(**{**asdict(ppl), "domains": tuple(ppl.domains)}),
-                     tasks=tuple(evc.tasks or ()), limit=evc.limit, num_fewshot=evc.num_fewshot,
-                     batch_size=evc.batch_size)
     dev, dt = raw.get("device"), raw.get("dtype")
     jobs: list[JobConfig] = []
+    # The fair control of healing (DESIGN §10): the unconverted model trained with the same recipe on the
+    # same tokens, so "recovered" is measured against the original fine-tuned on that data.
+    heal_baseline = raw.get("heal_baseline", True)
     for model in models:
         if raw.get("baseline", True):
             jobs.append(JobConfig(model=model, method=None, calib=None, budget=None, eval=evc, device=dev, dtype=dt))
+            for h in heal_cfgs if heal_baseline else ():
+                if h.mode != "none":
+                    jobs.append(JobConfig(model=model, method=None, calib=None, budget=None, heal=h, eval=evc,
+                                          device=dev, dtype=dt))
         for c in calibs:
             for b in budgets:
                 for m in methods:

@@ -31,18 +31,23 @@ class PplSpec:
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> dict:
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8, bos: bool = False) -> dict:
     """Token-weighted perplexity of `model` on `windows` (n, seq_len).
+
+    With `bos` the windows carry the tokenizer's BOS in column 0 (`harness.data.token_windows`):
+    the prediction made at the BOS position (of the first stream token) is not scored, so exactly
+    the tokens scored without BOS are scored, now with the context the model was trained on.
 
     Returns:
         {"ppl": float, "nll": mean NLL per token, "tokens": predicted tokens}
     """
     device = next(model.parameters()).device
+    skip = 1 if bos else 0
     nll, count = 0.0, 0
     for b in windows.split(batch_size):
         b = b.to(device)
-        logits = model(input_ids=b, use_cache=False).logits[:, :-1].float()
-        tgt = b[:, 1:]
+        logits = model(input_ids=b, use_cache=False).logits[:, skip:-1].float()
+        tgt = b[:, 1 + skip:]
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").item()
         count += tgt.numel()
     mean = nll / count
@@ -50,15 +55,17 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> dict:
 
 
 def domain_perplexities(model, tokenizer, domains: list[str], spec: PplSpec = PplSpec()) -> dict[str, dict]:
-    """Perplexity per corpus on its eval split; {domain: {ppl, nll, tokens, seconds}}."""
-    from harness.data import token_windows
+    """Perplexity per corpus on its eval split; {domain: {ppl, nll, tokens, seconds, bos}}."""
+    from harness.data import adds_bos, token_windows
 
+    bos = adds_bos(tokenizer)
     out = {}
     for d in domains:
-        w = token_windows(tokenizer, d, "eval", spec.samples, spec.seq_len, spec.seed)
+        w = token_windows(tokenizer, d, "eval", spec.samples, spec.seq_len, spec.seed, bos=bos)
         t0 = time.perf_counter()
-        r = perplexity(model, w, spec.batch_size)
+        r = perplexity(model, w, spec.batch_size, bos=bos)
         r["seconds"] = time.perf_counter() - t0
+        r["bos"] = bos
         out[d] = r
     return out
 

@@ -1,9 +1,12 @@
 """Executors: how a sweep's jobs run. One small interface:
 
-    executor(jobs, results_dir, sweep_name, use_wandb, **options) -> None
+    executor(jobs, run, fail, workdir, **options) -> None
 
-Each job publishes its own run directory atomically (harness.sweep.execute_job), so any
-back-end that calls `execute_job` once per job is crash-safe and resumable.
+`run(job) -> row` runs one job and publishes its run directory atomically; `fail(job, message)
+-> row` records a job whose process died. The sweep hands both in (harness.sweep.execute_job and
+record_failure, bound to its results folder), so an executor never imports the sweep, and any
+back-end that calls `run` once per job is crash-safe and resumable. `workdir` is the sweep's
+results folder (its name labels progress bars; submitit keeps its logs below it).
 
     serial    one job after another in this process (default)
     ray       one Ray task per job: `ray.init()` starts a local instance, or joins the cluster at
@@ -30,7 +33,10 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+RunJob = Callable[[Any], dict]  # job -> its row; runs it and publishes it atomically (harness.sweep.execute_job)
+FailJob = Callable[[Any, str], dict]  # (job, message) -> the failed row recorded for a job whose process died
 
 from harness.errors import HarnessError
 
@@ -128,19 +134,21 @@ def _report(bar, job, row: dict) -> None:
 
 # --------------------------------------------------------------------------------- serial
 @register_executor("serial")
-def serial(jobs, results: Path, sweep_name: str, use_wandb: bool) -> None:
+def serial(jobs, run: RunJob, fail: FailJob, workdir: Path) -> None:
     """Run jobs one after another in this process (the base model is loaded once)."""
     from tqdm.auto import tqdm
 
-    from harness.sweep import execute_job
-
-    bar = tqdm(jobs, desc=f"sweep {sweep_name}", unit="job")
+    bar = tqdm(jobs, desc=f"sweep {Path(workdir).name}", unit="job")
     for job in bar:
         bar.set_postfix_str(job.describe()[:60])
-        _report(bar, job, execute_job(job, results, sweep_name, use_wandb))
+        _report(bar, job, run(job))
 
 
 # ------------------------------------------------------------------------------------ ray
+def _call(fn: RunJob, job) -> dict:
+    return fn(job)
+
+
 # Variables a job reads; a worker of an existing cluster does not inherit the driver's environment.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "WANDB_MODE",
                  "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_API_KEY", "WANDB_SILENT", "MLA_HARNESS_CACHE",
@@ -148,7 +156,7 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"
 
 
 @register_executor("ray", requires="ray")
-def ray_executor(jobs, results: Path, sweep_name: str, use_wandb: bool, *, num_cpus: float = 1,
+def ray_executor(jobs, run: RunJob, fail: FailJob, workdir: Path, *, num_cpus: float = 1,
                  num_gpus: float | None = None, max_retries: int = 2, address: str | None = None) -> None:
     """One Ray task per job, on a local Ray instance or an existing cluster.
 
@@ -162,11 +170,8 @@ def ray_executor(jobs, results: Path, sweep_name: str, use_wandb: bool, *, num_c
     import ray
     from tqdm.auto import tqdm
 
-    from harness.sweep import execute_job, record_failure
-
     if not jobs:
         return
-    results = Path(results).resolve()  # workers may run elsewhere
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -174,7 +179,7 @@ def ray_executor(jobs, results: Path, sweep_name: str, use_wandb: bool, *, num_c
         local = started and address is None and not os.environ.get("RAY_ADDRESS")
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        task = ray.remote(execute_job)
+        task = ray.remote(_call)  # ray.remote takes plain functions, not the bound `run`
         refs = {}
         for job in jobs:
             gpus = num_gpus if num_gpus is not None else (1 if has_gpu and job.device != "cpu" else 0)
@@ -182,8 +187,8 @@ def ray_executor(jobs, results: Path, sweep_name: str, use_wandb: bool, *, num_c
                         name=f"mla-harness {job.job_id}")
             if not local and env:
                 opts["runtime_env"] = {"env_vars": env}
-            refs[task.options(**opts).remote(job, results, sweep_name, use_wandb)] = job
-        bar = tqdm(total=len(jobs), desc=f"sweep {sweep_name} (ray)", unit="job")
+            refs[task.options(**opts).remote(run, job)] = job
+        bar = tqdm(total=len(jobs), desc=f"sweep {Path(workdir).name} (ray)", unit="job")
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -192,7 +197,7 @@ def ray_executor(jobs, results: Path, sweep_name: str, use_wandb: bool, *, num_c
                 try:
                     row = ray.get(ref)
                 except Exception as e:  # the worker died more than max_retries times
-                    row = record_failure(job, results, sweep_name, f"ray task failed: {type(e).__name__}: {e}")
+                    row = fail(job, f"ray task failed: {type(e).__name__}: {e}")
                 _report(bar, job, row)
                 bar.update(1)
         bar.close()
@@ -215,14 +220,14 @@ def _submitit_parameters() -> set:
 
 
 @register_executor("submitit", requires="submitit", extra_options=_submitit_parameters)
-def submitit_executor(jobs, results: Path, sweep_name: str, use_wandb: bool, *, cluster: str | None = None,
+def submitit_executor(jobs, run: RunJob, fail: FailJob, workdir: Path, *, cluster: str | None = None,
                       folder: str | None = None, max_retries: int = 1, timeout_min: int = 24 * 60,
                       **parameters) -> None:
     """One SLURM array task per job through submitit (cluster local or debug for tests).
 
     Args:
         cluster: slurm | local | debug; None: what submitit detects (slurm when sbatch exists, else local).
-        folder: submitit's logs and pickles; default <results>/submitit.
+        folder: submitit's logs and pickles; default <workdir>/submitit.
         max_retries: times a job whose process died (time limit, memory, preemption) is resubmitted.
         timeout_min: time limit per job.
         **parameters: submitit parameters (gpus_per_node, cpus_per_task, mem_gb, slurm_partition,
@@ -232,18 +237,16 @@ def submitit_executor(jobs, results: Path, sweep_name: str, use_wandb: bool, *, 
     from submitit.helpers import as_completed
     from tqdm.auto import tqdm
 
-    from harness.sweep import execute_job, record_failure
-
     if not jobs:
         return
-    results = Path(results).resolve()
-    ex = submitit.AutoExecutor(folder=Path(folder) if folder else results / "submitit", cluster=cluster)
-    ex.update_parameters(**{"name": f"mla-{sweep_name}", "timeout_min": timeout_min, **parameters})
-    bar = tqdm(total=len(jobs), desc=f"sweep {sweep_name} (submitit {ex.cluster})", unit="job")
+    workdir = Path(workdir).resolve()
+    ex = submitit.AutoExecutor(folder=Path(folder) if folder else workdir / "submitit", cluster=cluster)
+    ex.update_parameters(**{"name": f"mla-{workdir.name}", "timeout_min": timeout_min, **parameters})
+    bar = tqdm(total=len(jobs), desc=f"sweep {workdir.name} (submitit {ex.cluster})", unit="job")
     todo, attempt = list(jobs), 0
     while todo:
         n = len(todo)
-        subs = ex.map_array(execute_job, todo, [results] * n, [sweep_name] * n, [use_wandb] * n)
+        subs = ex.map_array(run, todo)
         by_id = {id(s): j for s, j in zip(subs, todo)}
         retry = []
         for s in as_completed(subs, poll_frequency=1 if ex.cluster in ("local", "debug") else 15):
@@ -255,8 +258,7 @@ def submitit_executor(jobs, results: Path, sweep_name: str, use_wandb: bool, *, 
                     retry.append(job)
                     bar.write(f"[retry] {job.describe()}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                     continue
-                row = record_failure(job, results, sweep_name,
-                                     f"submitit job {s.job_id} failed: {type(e).__name__}: {e}")
+                row = fail(job, f"submitit job {s.job_id} failed: {type(e).__name__}: {e}")
             _report(bar, job, row)
             bar.update(1)
         todo, attempt = retry, attempt + 1

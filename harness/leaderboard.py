@@ -28,14 +28,30 @@ ID_COLS = ["model", "method", "budget", "calib", "heal"]
 
 
 # ---------------------------------------------------------------------------------- the frame
+def reference_rows(df: pd.DataFrame) -> pd.Series:
+    """For each row, the index of the baseline row it is compared with: the same model, unconverted,
+    trained with the same healing where the sweep has that control (a healed conversion is measured
+    against the original fine-tuned on the same tokens, DESIGN §10), else the untrained original."""
+    heal = (df["heal"] if "heal" in df else pd.Series("none", index=df.index)).fillna("none").replace("-", "none")
+    base = df[df["method"] == "baseline"]
+    by_key = {(m, h): i for i, m, h in zip(base.index, base["model"], heal[base.index])}  # the last row wins
+    return pd.Series([by_key.get((m, h), by_key.get((m, "none"))) for m, h in zip(df["model"], heal)],
+                     index=df.index, dtype="object")
+
+
+def _against(df: pd.DataFrame, col: str) -> pd.Series:
+    """Each row's value of `col` divided by its reference row's (`reference_rows`)."""
+    ref = reference_rows(df)
+    values = df[col].to_dict()
+    return pd.Series([v / values[r] if r is not None and pd.notna(r) else float("nan")
+                      for v, r in zip(df[col], ref)], index=df.index)
+
+
 def _with_ratios(df: pd.DataFrame) -> pd.DataFrame:
-    """Finished rows, with ratio_<domain> = ppl / the same model's baseline ppl."""
+    """Finished rows, with ratio_<domain> = ppl / the reference baseline's ppl (`reference_rows`)."""
     df = df[df["status"] == "ok"].copy() if "status" in df else df.copy()
-    ppl_cols = [c for c in df.columns if c.startswith("ppl_")]
-    base = df[df["method"] == "baseline"].drop_duplicates("model", keep="last").set_index("model")
-    for c in ppl_cols:
-        if c in base:
-            df[c.replace("ppl_", "ratio_")] = df[c] / df["model"].map(base[c])
+    for c in [c for c in df.columns if c.startswith("ppl_")]:
+        df[c.replace("ppl_", "ratio_")] = _against(df, c)
     return df
 
 
@@ -46,12 +62,58 @@ def task_columns(df: pd.DataFrame) -> list[str]:
     return [f"{t}/acc" for t in shown]
 
 
-def _mean_acc(row: pd.Series, shown: list[str]) -> float:
-    """Mean accuracy over the tasks the job asked for (a group counts once), else over `shown`."""
+def _asked(row: pd.Series, shown: list[str]) -> list[str]:
+    """The tasks whose mean is the row's acc_mean: what the job asked for (a group counts once), else `shown`."""
     asked = row.get("tasks")
-    cols = [f"{t}/acc" for t in str(asked).split(",")] if isinstance(asked, str) and asked else shown
-    vals = [row[c] for c in cols if c in row.index and pd.notna(row[c])]
-    return sum(vals) / len(vals) if vals else float("nan")
+    names = [t for t in str(asked).split(",")] if isinstance(asked, str) and asked else [c[:-4] for c in shown]
+    return [t for t in names if f"{t}/acc" in row.index and pd.notna(row[f"{t}/acc"])]
+
+
+def _mean_acc(row: pd.Series, shown: list[str]) -> pd.Series:
+    """Mean accuracy over the asked tasks and its stderr, sqrt(sum se^2) / k (the tasks are independent)."""
+    names = _asked(row, shown)
+    if not names:
+        return pd.Series({"acc_mean": float("nan"), "acc_mean_stderr": float("nan")})
+    vals = [row[f"{t}/acc"] for t in names]
+    ses = [row.get(f"{t}/acc_stderr") for t in names]
+    se = (sum(e * e for e in ses) ** 0.5 / len(ses)) if all(e is not None and pd.notna(e) for e in ses) else float("nan")
+    return pd.Series({"acc_mean": sum(vals) / len(vals), "acc_mean_stderr": se})
+
+
+def _paired(df: pd.DataFrame, results: Path, shown: list[str]) -> pd.DataFrame:
+    """Paired bootstrap of each converted row against its model's baseline on the same documents:
+    acc_delta [acc_delta_lo, acc_delta_hi] (95%), acc_mean_significant, and <task>/acc_significant."""
+    from harness.paired import paired_difference
+
+    docs: dict = {}
+
+    def load(job_id):
+        if job_id not in docs:
+            run = Path(results) / "runs" / str(job_id)
+            f, meta = run / "lm_eval_documents.parquet", run / "lm_eval_results.json"
+            docs[job_id] = ((pd.read_parquet(f), json.loads(meta.read_text()).get("group_weighting", {}))
+                            if f.exists() and meta.exists() else None)
+        return docs[job_id]
+
+    refs = reference_rows(df)
+    out = pd.DataFrame(index=df.index)
+    for i, r in df.iterrows():
+        if refs[i] is None or refs[i] == i or pd.isna(refs[i]):
+            continue
+        b, c = load(df.loc[refs[i], "job_id"]), load(r["job_id"])
+        if b is None or c is None:
+            continue
+        names = _asked(r, shown)
+        res = paired_difference(b[0], c[0], names, c[1])
+        if res is None:
+            continue
+        out.loc[i, ["acc_delta", "acc_delta_lo", "acc_delta_hi"]] = [res["delta"], res["lo"], res["hi"]]
+        out.loc[i, "acc_mean_significant"] = res["significant"]
+        for col in shown:
+            one = paired_difference(b[0], c[0], [col[:-4]], c[1])
+            if one is not None:
+                out.loc[i, col.replace("/acc", "/acc_significant")] = one["significant"]
+    return out
 
 
 def _budget_label(row: pd.Series) -> str:
@@ -65,11 +127,17 @@ def _budget_label(row: pd.Series) -> str:
     return "?"
 
 
-def leaderboard_frame(df: pd.DataFrame, all_columns: bool = False) -> pd.DataFrame:
+def leaderboard_frame(df: pd.DataFrame, all_columns: bool = False, results: Path | None = None) -> pd.DataFrame:
     """The leaderboard: one row per model x method x budget x calib x heal, sorted.
+
+    Accuracies carry lm-eval's stderr (`<task>/acc_stderr`, `acc_mean_stderr`). With `results` (the
+    sweep's folder, where each run kept its per-document scores) every converted row is compared
+    with its model's baseline on the same documents (`harness.paired`): `acc_delta` and its 95%
+    interval, and `*_significant` columns that say whether the difference is real.
 
     Args:
         all_columns: keep every column of the rows after the displayed ones (for the CSV).
+        results: the sweep's results folder (enables the paired comparisons).
     """
     df = _with_ratios(df)
     if not len(df):
@@ -78,21 +146,58 @@ def leaderboard_frame(df: pd.DataFrame, all_columns: bool = False) -> pd.DataFra
     for c in ("calib", "heal"):
         df[c] = df[c].fillna("-") if c in df else "-"
     shown = task_columns(df)
+    extra = []
     if shown:
-        df["acc_mean"] = df.apply(_mean_acc, axis=1, shown=shown)
-        base = df[df["method"] == "baseline"].drop_duplicates("model", keep="last").set_index("model")["acc_mean"]
-        df["acc_ratio"] = df["acc_mean"] / df["model"].map(base)
+        df[["acc_mean", "acc_mean_stderr"]] = df.apply(_mean_acc, axis=1, shown=shown)
+        df["acc_ratio"] = _against(df, "acc_mean")
+        if results is not None and "job_id" in df:
+            paired = _paired(df, results, shown)
+            for c in paired.columns:
+                df[c] = paired[c]
+        extra = ["acc_delta", "acc_delta_lo", "acc_delta_hi", "acc_mean_significant"]
+        extra += [c.replace("/acc", suffix) for c in shown for suffix in ("/acc_stderr", "/acc_significant")]
     ppl_cols = sorted(c for c in df.columns if c.startswith("ppl_"))
-    cols = ID_COLS + ["kv_save", "ranks"] + (["acc_mean", "acc_ratio"] + shown if shown else [])
+    cols = ID_COLS + ["kv_save", "ranks"] + (["acc_mean", "acc_mean_stderr", "acc_delta", "acc_ratio"] + shown
+                                             if shown else [])
     for c in ppl_cols:
         cols += [c, c.replace("ppl_", "ratio_")]
-    cols = [c for c in cols if c in df.columns]
+    cols += extra
+    cols = list(dict.fromkeys(c for c in cols if c in df.columns))
     df = df.drop_duplicates(subset=[c for c in ID_COLS if c in df], keep="last")
     key = {"method": lambda s: s.str.lower().where(s != "baseline", "")}
     df = df.sort_values(["model", "kv_save", "method", "calib", "heal"], key=lambda s: key.get(s.name, lambda x: x)(s))
+    table = list(cols)
     if all_columns:
         cols += [c for c in df.columns if c not in cols]
-    return df[cols].reset_index(drop=True)
+    out = df[cols].reset_index(drop=True)
+    out.attrs["table_columns"] = table  # the leaderboard's own columns, first (the CSV has every column)
+    return out
+
+
+# Columns folded into another column's cell when a table is shown ("36.1 ± 1.2 n.s."): the CSV keeps them.
+FOLDED = ("_stderr", "_significant", "acc_delta_lo", "acc_delta_hi")
+
+
+def shown_columns(lb: pd.DataFrame) -> list[str]:
+    return [c for c in lb.columns if not c.endswith(FOLDED[:2]) and c not in FOLDED[2:]]
+
+
+def cell(r: pd.Series, col: str) -> str:
+    """The text of one table cell: the value, its stderr ("± s"), and "n.s." where the difference from
+    the model's baseline is not significant at 95%; acc_delta with its interval."""
+    v = r.get(col)
+    if col == "acc_delta":
+        if v is None or pd.isna(v):
+            return ""
+        return f"{100 * v:+.1f} [{100 * r['acc_delta_lo']:+.1f}, {100 * r['acc_delta_hi']:+.1f}]"
+    text = _fmt(col, v)
+    se = r.get(f"{col}_stderr")
+    if text and se is not None and pd.notna(se):
+        text += f" ± {_fmt(col, se)}"
+    sig = r.get(f"{col}_significant")
+    if text and sig is not None and not pd.isna(sig) and not bool(sig):
+        text += " n.s."
+    return text
 
 
 def _fmt(col: str, v) -> str:
@@ -109,11 +214,16 @@ def _fmt(col: str, v) -> str:
     return str(v)
 
 
+LEGEND = ("Accuracy in % ± lm-eval's stderr; acc_delta: accuracy minus the same model's baseline on the same "
+          "documents, in points, with its 95% paired-bootstrap interval; n.s.: not significantly different from "
+          "the baseline at 95% (the interval holds 0). Ratios: perplexity / the baseline's.")
+
+
 def _markdown(lb: pd.DataFrame) -> str:
-    cols = list(lb.columns)
+    cols = shown_columns(lb)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in lb.iterrows():
-        lines.append("| " + " | ".join(_fmt(c, r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(cell(r, c) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -123,11 +233,11 @@ def tasks_notes(df: pd.DataFrame) -> str:
     return " ".join(f"Note: {n}." for n in notes)
 
 
-def summary_table(df: pd.DataFrame) -> str:
-    """Markdown table: method, budget, KV save, ranks, accuracy, ppl per domain, ratio to the baseline."""
+def summary_table(df: pd.DataFrame, results: Path | None = None) -> str:
+    """Markdown table: method, budget, KV save, ranks, accuracy ± stderr (n.s. vs baseline), ppl per domain."""
     if not len(df):
         return "(no rows)"
-    lb = leaderboard_frame(df)
+    lb = leaderboard_frame(df, results=results)
     table = _markdown(lb) if len(lb) else "(no finished rows)"
     return table + (f"\n\n{tasks_notes(df)}" if tasks_notes(df) else "")
 
@@ -176,7 +286,7 @@ def make_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     for model, m in ok.groupby("model", sort=True):
         slug = _slug(model)
         conv = m[m["method"] != "baseline"]
-        base = m[m["method"] == "baseline"]
+        base = m[(m["method"] == "baseline") & m["heal"].isin(["none", "-"])]
         several_calib = conv["calib"].nunique() > 1
         conv = conv.assign(series=conv.apply(_series_label, axis=1, several_calib=several_calib))
         # perplexity vs KV save
@@ -271,9 +381,9 @@ if (sortBy) document.querySelectorAll("table.lb th").forEach(th => {
 });"""
 
 
-def render_html(lb: pd.DataFrame, title: str, images: list[Path] = (), note: str = "") -> str:
-    """A self-contained page: the leaderboard table (click a header to sort) and inlined plots."""
-    cols = list(lb.columns)
+def table_html(lb: pd.DataFrame) -> str:
+    """The leaderboard as a sortable HTML table: each cell shows `cell()`, sorts by its raw value."""
+    cols = shown_columns(lb)
     num = {c: pd.api.types.is_numeric_dtype(lb[c]) for c in cols}
     head = "".join(f'<th data-type="{"num" if num[c] else "str"}">{html.escape(c)}</th>' for c in cols)
     body = []
@@ -283,17 +393,21 @@ def render_html(lb: pd.DataFrame, title: str, images: list[Path] = (), note: str
             v = r[c]
             raw = "" if v is None or (isinstance(v, float) and pd.isna(v)) else (repr(float(v)) if num[c] else str(v))
             cls = "" if num[c] else " class=s"
-            cells.append(f'<td{cls} data-v="{html.escape(raw)}">{html.escape(_fmt(c, v))}</td>')
+            cells.append(f'<td{cls} data-v="{html.escape(raw)}">{html.escape(cell(r, c))}</td>')
         cls = ' class="base"' if r.get("method") == "baseline" else ""
         body.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
+    return (f'<table class="lb" id="leaderboard"><thead><tr>{head}</tr></thead><tbody>\n' + "\n".join(body)
+            + "\n</tbody></table>\n")
+
+
+def render_html(lb: pd.DataFrame, title: str, images: list[Path] = (), note: str = "") -> str:
+    """A self-contained page: the leaderboard table (click a header to sort) and inlined plots."""
     imgs = "".join(f'<img alt="{html.escape(p.name)}" src="data:image/png;base64,'
                    f'{base64.b64encode(p.read_bytes()).decode()}">' for p in images)
     return (f"<!doctype html>\n<html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
-            f"<p>{html.escape(note)} Accuracy in %, ratios against the same model's baseline; click a header to "
-            "sort (or open with #sort=&lt;column&gt;).</p>\n"
-            f'<table class="lb" id="leaderboard"><thead><tr>{head}</tr></thead><tbody>\n' + "\n".join(body)
-            + "\n</tbody></table>\n" + (f"<h2>Plots</h2>{imgs}\n" if imgs else "")
+            f"<p>{html.escape(note)} {html.escape(LEGEND)} Click a header to sort (or open with "
+            "#sort=&lt;column&gt;).</p>\n" + table_html(lb) + (f"<h2>Plots</h2>{imgs}\n" if imgs else "")
             + f"<script>{_JS}</script>\n</body></html>\n")
 
 
@@ -310,15 +424,16 @@ def write_leaderboard(results: Path, plots: bool = True) -> str:
     if not f.exists():
         raise HarnessError(f"{f} does not exist; run the sweep first (mla-harness sweep sweeps/<name>.yaml)")
     df = pd.read_parquet(f)
-    lb = leaderboard_frame(df)
+    full = leaderboard_frame(df, all_columns=True, results=results)
+    lb = full[full.attrs.get("table_columns", list(full.columns))]
     failed = int((df["status"] != "ok").sum()) if "status" in df else 0
     note = f"{len(lb)} rows from {f}" + (f"; {failed} failed job(s) left out." if failed else ".")
     note += f" {tasks_notes(df)}" if tasks_notes(df) else ""
     md = _markdown(lb) if len(lb) else "(no finished rows)"
     images = make_plots(df, results / "plots") if plots else []
-    _atomic_write(results / "leaderboard.md", f"# Leaderboard: {results.name}\n\n{note}\n\n{md}\n")
+    _atomic_write(results / "leaderboard.md", f"# Leaderboard: {results.name}\n\n{note} {LEGEND}\n\n{md}\n")
     tmp = results / f".leaderboard.csv.tmp{os.getpid()}"
-    leaderboard_frame(df, all_columns=True).to_csv(tmp, index=False)  # the table's rows, every column
+    full.to_csv(tmp, index=False)  # the table's rows, every column
     os.replace(tmp, results / "leaderboard.csv")
     _atomic_write(results / "leaderboard.html", render_html(lb, f"Leaderboard: {results.name}", images, note))
     return md

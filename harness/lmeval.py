@@ -54,6 +54,30 @@ def _check_known(names: list[str], manager: Any, folder: Path) -> None:
                            f"{', '.join(listed)} and mmlu_<subject>")
 
 
+def check_tasks(tasks: list[str] | str) -> list[str]:
+    """The task names, checked against the offline tasks before any model is loaded (raises with hints)."""
+    from harness.tasks import task_dir
+
+    names = _task_list(tasks)
+    folder = task_dir()
+    from lm_eval.tasks import TaskManager
+
+    _check_known(names, TaskManager(include_path=str(folder), include_defaults=False), folder)
+    return names
+
+
+def _quiet_git_hash() -> str | None:
+    """lm-eval's results record `git describe`; outside a checkout its own call prints `fatal: not a git
+    repository` into every log. The same question, asked without the noise."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def _number(x: Any) -> float | None:
     """A metric value as a float, or None for lm-eval's "N/A" and non-finite values."""
     try:
@@ -201,7 +225,9 @@ def run_lm_eval(
         seed: seeds python, numpy, torch and the few-shot sampler.
         out_dir: if given, the full lm-eval results are written to `<out_dir>/lm_eval_results.json`.
         device: move the model there first (in place); None = leave it where it is.
-        log_samples: keep per-document outputs in the raw results (large).
+        log_samples: keep lm-eval's per-document outputs (prompts, responses) in the raw results
+            (large). Per-document correctness is always kept (raw["per_document"], and
+            lm_eval_documents.parquet in out_dir) for paired comparisons.
         bootstrap_iters: resamples for the stderr of non-mean metrics (LAMBADA perplexity); lm-eval's
             default 100000 takes minutes on a CPU.
     Returns:
@@ -214,9 +240,12 @@ def run_lm_eval(
     from harness.tasks import task_dir
 
     folder = task_dir()
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
 
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     _check_known(names, manager, folder)
@@ -233,7 +262,7 @@ def run_lm_eval(
             task_manager=manager,
             limit=limit,
             num_fewshot=num_fewshot,
-            log_samples=log_samples,
+            log_samples=True,  # per-document correctness: the paired comparisons against the baseline
             bootstrap_iters=bootstrap_iters,
             random_seed=seed,
             numpy_random_seed=seed,
@@ -250,9 +279,67 @@ def run_lm_eval(
     notes = {g: n for g, n in task_notes(folder)["notes"].items() if g in raw.get("results", {})}
     if notes:
         raw["notes"] = notes
+    raw["per_document"] = per_document(raw)
+    raw["group_weighting"] = group_weighting(raw, manager)
+    samples = raw.pop("samples", None)
+    if log_samples:
+        raw["samples"] = samples
     if out_dir is not None:
-        _write_json(raw, out_dir)
+        _write_json({k: v for k, v in raw.items() if k not in ("samples", "per_document")}, out_dir)
+        write_per_document(raw, out_dir)
     return result_rows(raw), raw
+
+
+PER_DOCUMENT_FILE = "lm_eval_documents.parquet"  # task, doc_id, acc, acc_norm(_nospace): one row per scored document
+PER_DOC_METRICS = ("acc", "acc_norm", "acc_norm_nospace")
+
+
+def per_document(raw: dict) -> list[dict]:
+    """One record per scored document of every leaf task: {task, doc_id, acc, acc_norm, acc_norm_nospace} (None where
+    the task has no such metric). What a paired comparison of two models on the same documents needs."""
+    out = []
+    for task, samples in (raw.get("samples") or {}).items():
+        for s in samples:
+            out.append({"task": task, "doc_id": int(s["doc_id"]),
+                        **{m: (float(s[m]) if m in s and _number(s[m]) is not None else None)
+                           for m in PER_DOC_METRICS}})
+    return out
+
+
+def group_weighting(raw: dict, manager) -> dict[str, dict]:
+    """{group: {"children": [...], "weight_by_size": bool}}: how each group's score is made of its
+    children's, as lm-eval computed it (weight_by_size from the group's aggregate_metric_list; a group
+    with none is the plain mean over its direct entries, `add_entry_means`)."""
+    import yaml
+
+    out = {}
+    for group, children in raw.get("group_subtasks", {}).items():
+        by_size = False
+        entry = manager.task_index.get(group)
+        path = getattr(entry, "yaml_path", None)
+        if path is not None:
+            class _Loader(yaml.SafeLoader):
+                pass
+
+            _Loader.add_constructor("!function", lambda loader, node: None)
+            cfg = yaml.load(Path(path).read_text(), Loader=_Loader) or {}  # noqa: S506 (a SafeLoader subclass)
+            aggs = cfg.get("aggregate_metric_list") or []
+            by_size = bool(aggs) and all(a.get("weight_by_size", True) for a in aggs)
+        out[group] = {"children": list(children), "weight_by_size": by_size}
+    return out
+
+
+def write_per_document(raw: dict, out_dir: str | Path) -> Path:
+    """`<out_dir>/lm_eval_documents.parquet` (atomically) and the group weighting beside the results."""
+    import pandas as pd
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / PER_DOCUMENT_FILE
+    tmp = out / f".{PER_DOCUMENT_FILE}.tmp-{os.getpid()}"
+    pd.DataFrame(raw["per_document"], columns=["task", "doc_id", *PER_DOC_METRICS]).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
 
 
 def format_table(raw_results: dict) -> str:

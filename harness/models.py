@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from harness import cache_root
+from harness.paths import cache_root
 from harness.arch import SUPPORTED_TYPES, check_supported
 from harness.errors import HarnessError
 
@@ -322,13 +322,17 @@ def _resolve(spec: str) -> tuple[str, dict]:
     return spec, {}
 
 
-def load_model(spec: str, device: str | None = None, dtype: str | torch.dtype | None = None):
+def load_model(spec: str, device: str | None = None, dtype: str | torch.dtype | None = None,
+               trust_remote_code: bool = False):
     """Load a causal LM and its tokenizer.
 
     Args:
         spec: embedded name, local directory (plain HF or converted by the harness), .gguf path,
             or hub id.
         device / dtype: default CUDA+bf16 when a GPU is present, else CPU+fp32.
+        trust_remote_code: let transformers run code shipped with the model (never on by default).
+            Weights load from safetensors or GGUF only: a checkpoint with only pickled weights
+            (pytorch_model.bin) is refused, since unpickling can run arbitrary code.
     Returns:
         (model in eval mode, tokenizer with a pad token).
     Raises:
@@ -343,9 +347,17 @@ def load_model(spec: str, device: str | None = None, dtype: str | torch.dtype | 
 
         return load_converted(path, device=dev, dtype=dt)
     where, kwargs = _resolve(str(spec))
+    folder = Path(where)
+    if folder.is_dir() and "gguf_file" not in kwargs and not any(folder.glob("*.safetensors")) \
+            and any(folder.glob("*.bin")):
+        raise HarnessError(f"model directory {spec} holds only pickled weights (*.bin), which can run code when "
+                           "loaded; convert them to safetensors (transformers: model.save_pretrained(dir, "
+                           "safe_serialization=True)) and load that")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
+        safe = {} if "gguf_file" in kwargs else {"use_safetensors": True}
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, trust_remote_code=trust_remote_code,
+                                                     **safe, **kwargs)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = " (HF_HUB_OFFLINE=1: only embedded models and local paths load)" if offline else ""

@@ -12,6 +12,7 @@ run of the sweep (or of that job) removes such leftovers. A failing job is recor
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from harness.config import JobConfig, SweepConfig
+from harness.specs import JobConfig, SweepConfig
 from harness.errors import HarnessError
 
 
@@ -58,6 +59,7 @@ def _base_model(job: JobConfig):
 def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = False) -> dict:
     """Load, calibrate, convert, score one job; write its files into `out`; return its row."""
     from harness.calibrate import CalibSpec
+    from harness.data import adds_bos
     from harness.evaluate import PplSpec, domain_perplexities, kv_accounting
     from harness.methods import calibrate_and_convert
     from harness.mla import Budget
@@ -67,7 +69,7 @@ def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = F
     timings = {}
     conversion = None
     if job.is_baseline:
-        model = base
+        model = base if job.heal.mode == "none" else copy.deepcopy(base)  # the fine-tuned-original control
     else:
         c = job.calib
         model = copy.deepcopy(base)
@@ -79,7 +81,7 @@ def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = F
             timings["stats_cached"] = conversion["calibration"]["cached"]
         timings["factor_seconds"] = conversion["factor_seconds"]
     healing = None
-    if job.heal.mode != "none" and not job.is_baseline:
+    if job.heal.mode != "none":
         healing = _heal_job(job, model, base, tok, out, sweep_name, use_wandb)
         timings["heal_seconds"] = healing["seconds"]
     p = job.eval.ppl
@@ -93,6 +95,7 @@ def run_job(job: JobConfig, out: Path, sweep_name: str = "", use_wandb: bool = F
                                    batch_size=job.eval.batch_size, num_fewshot=job.eval.num_fewshot,
                                    out_dir=out)
     row = make_row(job, sweep_name, ppl, acc, conversion, task_rows)
+    row["bos"] = adds_bos(tok)  # windows (calibration, perplexity, healing) start with the tokenizer's BOS
     row["seconds"] = time.perf_counter() - t0
     row.update(timings)
     metrics = {"ppl": ppl, "kv": acc, "tasks": task_rows, "timings": timings, "seconds": row["seconds"]}
@@ -131,7 +134,19 @@ def _heal_job(job: JobConfig, model, base, tok, out: Path, sweep_name: str, use_
     ppl_spec = PplSpec(p.samples, p.seq_len, p.seed, p.batch_size)
 
     def evaluate(m) -> dict:
-        return {f"ppl_{d}": r["ppl"] for d, r in domain_perplexities(m, tok, list(p.domains), ppl_spec).items()}
+        """The recovery curve's point: perplexity per domain, and with heal.curve_tasks the job's lm-eval
+        tasks (each task's acc and their plain mean, as in the leaderboard)."""
+        out = {f"ppl_{d}": r["ppl"] for d, r in domain_perplexities(m, tok, list(p.domains), ppl_spec).items()}
+        if job.heal.curve_tasks and job.eval.tasks:
+            from harness.lmeval import run_lm_eval
+
+            rows, _ = run_lm_eval(m, tok, list(job.eval.tasks), limit=job.eval.limit,
+                                  batch_size=job.eval.batch_size, num_fewshot=job.eval.num_fewshot)
+            accs = {t["task"]: t["value"] for t in rows if t["metric"] == "acc" and t["task"] in job.eval.tasks}
+            out.update({f"{t}/acc": v for t, v in accs.items()})
+            if accs:
+                out["acc_mean"] = sum(accs.values()) / len(accs)
+        return out
 
     run = None
     if use_wandb:
@@ -179,6 +194,8 @@ def make_row(job: JobConfig, sweep_name: str, ppl: dict, acc: dict, conversion: 
     for t in task_rows:
         if t["metric"] in ("acc", "acc_norm", "acc_norm_nospace", "perplexity", "word_perplexity"):
             row[f"{t['task']}/{t['metric']}"] = t["value"]
+            if t.get("stderr") is not None:
+                row[f"{t['task']}/{t['metric']}_stderr"] = t["stderr"]
     # what a task group lacks, e.g. "care_eval: RACE: no offline rows (7/8 tasks)" (harness.lmeval)
     row["tasks_note"] = "; ".join(sorted({f"{t['task']}: {t['note']}" for t in task_rows if t.get("note")})) or None
     return row
@@ -227,7 +244,7 @@ def clean_stale(results: Path, job_ids: set[str] | None = None) -> list[Path]:
     return removed
 
 
-def record_failure(job: JobConfig, results: Path, sweep_name: str, msg: str, log: str = "") -> dict:
+def record_failure(job: JobConfig, msg: str, *, results: Path, sweep_name: str, log: str = "") -> dict:
     """Record a job that failed outside `execute_job` (its process died) as runs/.<job_id>.failed."""
     row = {"job_id": job.job_id, "sweep": sweep_name, "status": "failed", "error": msg,
            "model": job.model, "method": "baseline" if job.is_baseline else job.method.display}
@@ -298,22 +315,34 @@ def collect_rows(results: Path, sweep: SweepConfig | None = None):
 
 
 def run_sweep(sweep: SweepConfig, results_root: Path = Path("results"), dry_run: bool = False,
-              only_missing: bool = True) -> "pd.DataFrame":  # noqa: F821
-    """Run every job of `sweep` not already finished; return the collected rows."""
+              only_missing: bool = True, shard: tuple[int, int] | None = None) -> "pd.DataFrame":  # noqa: F821
+    """Run every job of `sweep` not already finished; return the collected rows.
+
+    Args:
+        shard: (i, n): run only the jobs whose position in the sweep is i modulo n, so that n
+            processes (on one GPU that a small model leaves mostly idle, or on n machines sharing the
+            results folder) split a sweep without a scheduler; every job still publishes atomically,
+            and a last unsharded run collects the rows and skips what is done.
+    """
     results = results_root / sweep.name
     (results / "runs").mkdir(parents=True, exist_ok=True)
-    todo = [j for j in sweep.jobs if not (only_missing and is_done(results, j))]
+    mine = [j for k, j in enumerate(sweep.jobs) if shard is None or k % shard[1] == shard[0]]
+    todo = [j for j in mine if not (only_missing and is_done(results, j))]
     if dry_run:
         for j in sweep.jobs:
             print(f"{j.job_id}  {'done ' if is_done(results, j) else 'to do'}  {j.describe()}")
         print(f"{len(sweep.jobs)} jobs, {len(sweep.jobs) - len(todo)} done, {len(todo)} to run -> {results}")
         return collect_rows(results, sweep)
-    print(f"sweep {sweep.name}: {len(sweep.jobs)} jobs, {len(sweep.jobs) - len(todo)} already done, "
+    part = f" (shard {shard[0]}/{shard[1]}: {len(mine)} of them)" if shard else ""
+    print(f"sweep {sweep.name}: {len(sweep.jobs)} jobs{part}, {len(mine) - len(todo)} already done, "
           f"{len(todo)} to run -> {results}", flush=True)
     stale = clean_stale(results, {j.job_id for j in todo})
     if stale:
         print(f"removed {len(stale)} leftover(s) of killed runs: {', '.join(p.name for p in stale)}", flush=True)
     from harness.executors import get_executor
 
-    get_executor(sweep.executor)(todo, results, sweep.name, sweep.wandb, **getattr(sweep, "executor_options", {}))
+    results = results.resolve()  # workers may run elsewhere
+    run = functools.partial(execute_job, results=results, sweep_name=sweep.name, use_wandb=sweep.wandb)
+    fail = functools.partial(record_failure, results=results, sweep_name=sweep.name)
+    get_executor(sweep.executor)(todo, run, fail, results, **sweep.executor_options)
     return collect_rows(results, sweep)

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from harness import cache_root
+from harness.paths import cache_root
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from tiny import tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-METHODS = [("svd", {}), ("asvd", {}), ("svdllm", {}), ("care", {}), ("care_joint", {}),
+METHODS = [("svd", {}), ("asvd", {}), ("svdllm", {}), ("care", {}), ("care_joint", {}), ("care_mla", {}),
            ("mha2mla", {}), ("mha2mla", {"selection": "low"})]
 
 

@@ -1,12 +1,14 @@
 """Healing (harness.heal) on tiny random MLA models: loss goes down, KD weight 0 is plain CE,
 LoRA merges exactly, an interrupted run resumes without counting its tokens twice."""
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config import HealConfig, parse_sweep
+from harness.config import parse_sweep
+from harness.specs import HealConfig
 from harness.errors import HarnessError
 from harness.heal import HealSpec, attach_lora, heal, heal_loss, lr_multiplier, merge_lora
 from harness.methods import convert
@@ -209,7 +211,7 @@ def test_run_job_heals_and_reports(converted, tmp_path, monkeypatch):
     import harness.evaluate
     import harness.heal
     import harness.sweep as sweep
-    from harness.config import BudgetConfig, CalibConfig, EvalConfig, JobConfig, MethodConfig, PplConfig, heal_config
+    from harness.specs import BudgetConfig, CalibConfig, EvalConfig, JobConfig, MethodConfig, PplConfig, heal_config
 
     base = tiny_model("llama")
     stats = tiny_stats(base)
@@ -241,3 +243,98 @@ def test_run_job_heals_and_reports(converted, tmp_path, monkeypatch):
     curve = json.loads((tmp_path / "runs" / "b" / "metrics.json").read_text())["heal"]["curve"]
     assert [c["tokens"] for c in curve] == [0, 4 * 4 * SEQ] and curve[0]["ppl_wiki"] == pytest.approx(r0["ppl_wiki"])
     assert not (tmp_path / "runs" / f".{healed.job_id}.heal").exists()
+
+
+# ------------------------------------------------------------------ healing as a controlled experiment
+def test_corpus_shares_follow_the_weights():
+    from harness.heal import corpus_shares
+
+    assert corpus_shares(spec(corpora=("wiki", "code", "math")), 10) == [4, 3, 3]
+    assert corpus_shares(spec(corpora=("wiki", "code"), weights=(3.0, 1.0)), 10) == [8, 2]  # 7.5/2.5 -> 8/2
+    assert sum(corpus_shares(spec(corpora=("a", "b", "c"), weights=(0.35, 0.45, 0.2)), 997)) == 997
+
+
+def test_mixed_corpus_windows_are_cached_and_resume_exactly(tmp_path, monkeypatch):
+    """The weighted mix of real corpora (tiny byte tokenizer): windows come from the calib splits in
+    their shares, are cached, and an interrupted run on them resumes to the uninterrupted result."""
+    from harness.heal import training_windows
+    from tests.tiny import tiny_tokenizer
+
+    monkeypatch.setenv("MLA_HARNESS_CACHE", str(tmp_path / "cache"))
+    tok = tiny_tokenizer(bos=False)
+    s = spec(tokens=6 * 4 * SEQ, corpora=("wiki", "code"), weights=(2.0, 1.0), lora_dropout=0.1)
+    w = training_windows(tok, s, 24)
+    assert w.shape == (24, SEQ) and list((tmp_path / "cache" / "windows").glob("*.pt"))
+    assert torch.equal(training_windows(tok, s, 24), w)  # from the cache, identical
+    base = tiny_model("llama", vocab_size=258)
+    convert(base, "mha2mla", Budget(kv_save=0.5), tiny_stats(base))
+    ref_model = copy.deepcopy(base)
+    ref = heal(ref_model, tok, s, progress=False, out_dir=tmp_path / "ref")
+
+    def stop_at_4(rec):
+        if rec["step"] == 4:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        heal(copy.deepcopy(base), tok, s, progress=False, out_dir=tmp_path / "run", checkpoint_every=2,
+             on_step=stop_at_4)
+    m = copy.deepcopy(base)
+    res = heal(m, tok, s, progress=False, out_dir=tmp_path / "run", checkpoint_every=2)
+    assert res["resumed_from_tokens"] == 4 * 4 * SEQ and res["windows_sha"] == ref["windows_sha"]
+    assert [r["loss"] for r in res["log"]] == pytest.approx([r["loss"] for r in ref["log"]], abs=1e-6)
+    wr, wm = weights(ref_model), weights(m)
+    assert all(torch.allclose(wr[k], wm[k], atol=1e-6) for k in wr)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_the_fine_tuned_original_control_trains_on_the_same_windows_and_steps(tmp_path, monkeypatch, mode):
+    """A healing sweep's baseline job with the same heal config: the unconverted model trained with the
+    same recipe on exactly the same tokens (same windows, same steps) as the converted one."""
+    import harness.sweep as sweep
+    from harness.specs import BudgetConfig, CalibConfig, EvalConfig, JobConfig, MethodConfig, PplConfig, heal_config
+    from tests.tiny import tiny_tokenizer
+
+    monkeypatch.setenv("MLA_HARNESS_CACHE", str(tmp_path / "cache"))
+    tok, base = tiny_tokenizer(bos=False), tiny_model("llama", vocab_size=258)
+    monkeypatch.setattr(sweep, "_base_model", lambda job: (base, tok))
+    h = heal_config(mode=mode, tokens=3 * 4 * SEQ, lr=1e-3, lora_rank=4, batch_size=4, seq_len=SEQ,
+                    corpora=("wiki", "code"), targets=("down", "up_k", "up_v", "q_proj") if mode == "lora" else "all")
+    ev = EvalConfig(ppl=PplConfig(domains=("wiki",), samples=2, seq_len=SEQ))
+    converted = JobConfig("tiny", MethodConfig("care_joint"), CalibConfig(samples=2, seq_len=SEQ), BudgetConfig(0.5),
+                          heal=h, eval=ev)
+    control = JobConfig("tiny", None, None, None, heal=h, eval=ev)
+    rows, metrics = [], []
+    for job in (converted, control):
+        out = tmp_path / job.job_id
+        out.mkdir()
+        rows.append(sweep.run_job(job, out))
+        metrics.append(json.loads((out / "metrics.json").read_text())["heal"])
+    assert metrics[0]["windows_sha"] == metrics[1]["windows_sha"]
+    assert metrics[0]["steps"] == metrics[1]["steps"] == 3 and rows[0]["heal"] == rows[1]["heal"]
+    assert rows[1]["method"] == "baseline" and rows[1]["heal_tokens"] == 3 * 4 * SEQ
+    assert metrics[1]["trainable_params"] > 0 and metrics[1]["cache_width"] is None
+    assert base.model.layers[0].self_attn.k_proj.weight.requires_grad  # the shared original is untouched
+    assert not any("lora" in n for n, _ in base.named_parameters())
+
+
+def test_sweep_adds_the_control_and_compares_healed_rows_with_it():
+    import pandas as pd
+
+    from harness.leaderboard import leaderboard_frame
+
+    raw = {"models": ["smollm2-135m"], "budgets": [{"kv_save": 0.75}], "methods": ["care_joint"],
+           "heal": [{"mode": "none"}, {"mode": "full", "tokens": "20M", "corpora": {"wiki": 0.4, "chat": 0.6}}]}
+    s = parse_sweep(raw)
+    kinds = [(j.is_baseline, j.heal.mode) for j in s.jobs]
+    assert kinds == [(True, "none"), (True, "full"), (False, "none"), (False, "full")]
+    h = s.jobs[1].heal
+    assert h.tokens == 20_000_000 and h.corpora == ("wiki", "chat") and h.weights == (0.4, 0.6)
+    assert len(parse_sweep({**raw, "heal_baseline": False}).jobs) == 3
+    rows = pd.DataFrame([
+        {"job_id": "a", "status": "ok", "model": "m", "method": "baseline", "heal": "none", "kv_save": 0.0, "ppl_wiki": 10.0},
+        {"job_id": "b", "status": "ok", "model": "m", "method": "baseline", "heal": "full-20M", "kv_save": 0.0, "ppl_wiki": 8.0},
+        {"job_id": "c", "status": "ok", "model": "m", "method": "cj", "heal": "none", "kv_save": 0.75, "ppl_wiki": 20.0},
+        {"job_id": "d", "status": "ok", "model": "m", "method": "cj", "heal": "full-20M", "kv_save": 0.75, "ppl_wiki": 12.0}])
+    lb = leaderboard_frame(rows).set_index(["method", "heal"])["ratio_wiki"]
+    assert lb[("cj", "none")] == 2.0 and lb[("cj", "full-20M")] == 1.5  # against the original fine-tuned alike
+    assert lb[("baseline", "full-20M")] == 1.0

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from harness.cli import main
-from harness.leaderboard import leaderboard_frame, summary_table, task_columns, write_leaderboard
+from harness.leaderboard import leaderboard_frame, shown_columns, summary_table, task_columns, write_leaderboard
 
 MODEL = "org/model-a"
 CALIBS = ("wiki", "code")
@@ -135,6 +135,6 @@ def test_html_renders_in_headless_chromium(results, tmp_path):
     assert body.count("<tr") == N_ROWS
     assert re.search(r'<th data-type="num" class="asc">ppl_wiki</th>', dom), "the header click did not sort"
     lb = leaderboard_frame(synthetic_rows())
-    col = list(lb.columns).index("ppl_wiki")
+    col = shown_columns(lb).index("ppl_wiki")  # stderr and significance columns are folded into cells
     shown = [float(re.findall(r'data-v="([^"]*)"', tr)[col]) for tr in body.split("</tr>")[:-1]]
     assert shown == sorted(lb["ppl_wiki"])

@@ -9,6 +9,8 @@ from harness.errors import HarnessError
 from harness.methods import convert, get_method
 from harness.methods._linalg import log_residual, waterfill
 from harness.methods.care import care
+from harness.methods.care_mla import care_mla
+from harness.methods.mha2mla import mha2mla
 from harness.methods.mha2mla import select_pairs
 from harness.methods.svd import svd
 from harness.mla import Budget, per_layer_width
@@ -133,3 +135,46 @@ def test_mha2mla_width_fraction_caches_that_share_of_the_budget():
     assert b.config.mla_conversion["accounting"]["kv_save"] == 0.75
     with pytest.raises(HarnessError, match="width_fraction"):
         convert(copy.deepcopy(model), "mha2mla", Budget(kv_save=0.5), None, selection="high", width_fraction=1.5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_care_mla_with_power_zero_is_mha2mla(arch):
+    m = tiny_model(arch)
+    stats = tiny_stats(m)
+    layers = attention_layers(m)
+    a = mha2mla(layers, stats, Budget(kv_save=0.5))
+    b = care_mla(layers, stats, Budget(kv_save=0.5), power=0.0)
+    for fa, fb in zip(a, b):
+        for name in ("down", "up_k", "up_v", "k_rope", "rope_dims", "latent_dims", "k_bias", "v_bias"):
+            ta, tb = getattr(fa, name), getattr(fb, name)
+            assert (ta is None and tb is None) or torch.equal(ta, tb), name
+        assert (fa.k_slice, fa.v_slice, fa.cache_width) == (fb.k_slice, fb.v_slice, fb.cache_width)
+
+
+def test_care_mla_beats_mha2mla_on_activation_error():
+    """Same RoPE rows, same latent width: the sqrt-C factorization must cut ||X (M - Mhat)^T|| for M = [W_k,nope; W_v]."""
+    m = tiny_model("llama")
+    stats = tiny_stats(m)
+    layers = attention_layers(m)
+    budget = Budget(kv_save=0.75)
+    for a, fm, fc in zip(layers, mha2mla(layers, stats, budget), care_mla(layers, stats, budget)):
+        assert torch.equal(fm.rope_dims, fc.rope_dims) and fm.cache_width == fc.cache_width
+        C = stats.cov[a.index]
+        M = torch.cat([fm.up_k @ fm.down, fm.up_v @ fm.down])  # what mha2mla rebuilds (NoPE K rows, V rows)
+        Wk = a.module.k_proj.weight.double().view(a.n_kv, a.d_h, -1)
+        k_nope = Wk.gather(1, fm.latent_dims[..., None].expand(-1, -1, Wk.shape[-1])).reshape(-1, Wk.shape[-1])
+        W = torch.cat([k_nope, a.module.v_proj.weight.double()])
+        err = lambda What: torch.trace((W - What) @ C @ (W - What).T).item()  # noqa: E731
+        assert err(torch.cat([fc.up_k @ fc.down, fc.up_v @ fc.down])) < err(M)
+
+
+def test_care_mla_waterfill_moves_latent_width_at_equal_total():
+    m = tiny_model("qwen2")
+    stats = tiny_stats(m)
+    layers = attention_layers(m)
+    u = care_mla(layers, stats, Budget(kv_save=0.5))
+    w = care_mla(layers, stats, Budget(kv_save=0.5), allocation="waterfill")
+    assert sum(f.cache_width for f in w) == sum(f.cache_width for f in u) == 2 * 64  # L x half of 2*n_kv*d_h
+    assert [f.info["d_c"] for f in u] == [56, 56]  # 64 - n_kv*2p with p = d_h/16 = 2
+    assert [f.info["d_c"] for f in w] != [56, 56] and all(28 <= f.info["d_c"] <= 112 for f in w)
+    assert all(f.k_rope.shape[0] == 8 for f in w), "the exact RoPE keys are not reallocated"

@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from harness.errors import HarnessError
 from harness.methods import convert
 from harness.mla import Budget, LatentCache, accounted_width, cache_bytes, set_path
 from tiny import ARCHS, tiny_model, tiny_stats
@@ -11,7 +12,8 @@ from tiny import ARCHS, tiny_model, tiny_stats
 FULL = 64  # parity rank per K and V: n_kv * d_h = 2 * 32
 METHODS = [("svd", {}), ("care", {"allocation": "uniform"}), ("care", {"allocation": "waterfill"}),
            ("care_joint", {}), ("asvd", {}), ("svdllm", {}), ("mha2mla", {"rope_pairs": 16}),
-           ("mha2mla", {"rope_pairs": 16, "lowrank": "split"})]
+           ("mha2mla", {"rope_pairs": 16, "lowrank": "split"}), ("care_mla", {"rope_pairs": 16}),
+           ("care_mla", {"rope_pairs": 16, "allocation": "waterfill"})]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -45,7 +47,7 @@ def test_decode_matches_prefill_at_low_rank_and_paths_agree(arch):
     base = tiny_model(arch)
     stats = tiny_stats(base)
     x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
-    for method, opts in [("care", {}), ("mha2mla", {"rope_pairs": 2})]:
+    for method, opts in [("care", {}), ("mha2mla", {"rope_pairs": 2}), ("care_mla", {"rope_pairs": 2})]:
         m = copy.deepcopy(base)
         convert(m, method, Budget(kv_save=0.5), stats, **opts)
         pre = m(x).logits
@@ -65,7 +67,7 @@ def test_decode_matches_prefill_at_low_rank_and_paths_agree(arch):
 def test_absorbed_refused_where_it_cannot_apply():
     m = tiny_model("llama")
     convert(m, "care", Budget(kv_save=0.5), tiny_stats(m))
-    with pytest.raises(ValueError, match="absorbed"):
+    with pytest.raises(HarnessError, match="absorbed decode path does not apply.*RoPE on keys rebuilt"):
         set_path(m, "absorbed")
 
 
@@ -96,3 +98,117 @@ def test_generate_with_latent_cache_holds_accounted_bytes():
     T = out.shape[1] - 1
     assert cache.bytes_held() == accounted_width(m) * T * 4
     assert accounted_width(m) == 64  # 25% of 2 layers x 2*n_kv*d_h = 256
+
+
+NO_KNORM = ("llama", "qwen2", "mistral")
+
+
+def _check_both_paths(m, ref, x, tol=1e-4):
+    """Prefill and token-by-token decode through the latent cache, reconstruct then absorbed, equal `ref`."""
+    for path in ("reconstruct", "absorbed"):
+        set_path(m, path)
+        assert (m(x).logits - ref).abs().max() <= tol, f"{path} prefill"
+        dec, _ = _decode(m, x)
+        assert (dec - ref).abs().max() <= tol, f"{path} decode"
+
+
+@pytest.mark.parametrize("arch", NO_KNORM)
+def test_care_mla_full_rank_reproduces_original_on_both_paths(arch):
+    """All pairs keep RoPE (rope_pairs = d_h/2): the sqrt-C-whitened latent then serves V alone and must be exact."""
+    base = tiny_model(arch)
+    stats = tiny_stats(base)
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+    m = copy.deepcopy(base)
+    convert(m, "care_mla", Budget(rank=FULL), stats, rope_pairs=16)
+    _check_both_paths(m, base(x).logits, x)
+
+
+@pytest.mark.parametrize("arch", NO_KNORM)
+def test_care_mla_full_rank_partial_rope_equals_mha2mla_on_both_paths(arch):
+    """With p < d_h/2 pairs the model itself changes (NoPE dims lose RoPE: MHA2MLA's partial RoPE), so the
+    reference is mha2mla at full rank; care_mla's whitened latent (NoPE keys + values) must reproduce it."""
+    base = tiny_model(arch)
+    stats = tiny_stats(base)
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    ref_m = copy.deepcopy(base)
+    convert(ref_m, "mha2mla", Budget(rank=FULL), stats, rope_pairs=2)
+    ref = ref_m(x).logits
+    assert (ref - base(x).logits).abs().max() > 1e-3, "partial RoPE must change the model"
+    m = copy.deepcopy(base)
+    rec = convert(m, "care_mla", Budget(rank=FULL), stats, rope_pairs=2)
+    assert rec["accounting"]["kv_save"] == 0.0 and all(l["d_c"] == 120 for l in rec["layers"])  # 2*28 + 64
+    _check_both_paths(m, ref, x)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_care_mla_on_qk_norm_models_reconstructs_and_refuses_absorbed(arch):
+    base = tiny_model(arch)
+    stats = tiny_stats(base)
+    x = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(6))
+    m = copy.deepcopy(base)
+    with pytest.raises(HarnessError, match="absorbed decode path does not apply.*q/k-norm.*reconstruct"):
+        convert(m, "care_mla", Budget(kv_save=0.5), stats, path="absorbed")
+    assert not any(type(d.self_attn).__name__ == "MLAAttention" for d in m.model.layers), "nothing half-converted"
+    convert(m, "care_mla", Budget(rank=FULL), stats, rope_pairs=16)
+    assert (m(x).logits - base(x).logits).abs().max() <= 1e-4
+    with pytest.raises(HarnessError, match="q/k-norm"):
+        set_path(m, "absorbed")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rope_keys_are_cached_rotated_like_the_original_keys(arch):
+    """The cached RoPE keys are the original's post-RoPE keys on the kept dims (bias included), at
+    every position: rotated once when written, never again."""
+    base = tiny_model(arch)
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(7))
+    _, ref_cache = _decode(base, x)
+    # kv_save 0.5, 2 pairs: layer 0 sees the original's input; full rank with every pair: all layers do
+    for budget, pairs, n_layers in ((Budget(kv_save=0.5), 2, 1), (Budget(rank=FULL), 16, 2)):
+        m = copy.deepcopy(base)
+        convert(m, "mha2mla", budget, None, selection="low", rope_pairs=pairs)
+        _, cache = _decode(m, x)
+        for layer, ref_layer, dec in list(zip(cache.layers, ref_cache.layers, m.model.layers))[:n_layers]:
+            rope_dims = dec.self_attn.rope_dims  # (n_kv, 2p)
+            B, n_kv, S, d_h = ref_layer.keys.shape
+            want = ref_layer.keys.gather(3, rope_dims[None, :, None, :].expand(B, -1, S, -1))  # (B, n_kv, S, 2p)
+            got = layer.values.view(B, S, n_kv, -1).transpose(1, 2)
+            assert (got - want).abs().max() <= 1e-5
+
+
+class _NoTables(torch.nn.Module):
+    def forward(self, *a, **k):
+        raise AssertionError("position tables rebuilt for the cached keys")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_decoding_with_nope_latent_never_rebuilds_position_tables(arch):
+    """Absorbed and (no k-norm) reconstruct decoding read the cached RoPE keys as they are: the
+    rotary module is never asked for the cached positions' tables, and no position_ids are needed."""
+    base = tiny_model(arch)
+    x = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(8))
+    m = copy.deepcopy(base)
+    convert(m, "care_mla", Budget(kv_save=0.5), tiny_stats(base))
+    ref = m(x).logits
+    for dec in m.model.layers:
+        dec.self_attn.bind_rotary(_NoTables(), None)
+    for path in ("reconstruct", "absorbed"):
+        set_path(m, path)
+        out, _ = _decode(m, x)
+        assert (out - ref).abs().max() <= 1e-4, path
+
+
+def test_static_cache_decoding_holds_accounted_bytes_on_both_paths():
+    """A transformers StaticCache holds the latent and RoPE keys: bytes = accounted width x slots."""
+    from transformers import StaticCache
+
+    base = tiny_model("qwen2")
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(9))
+    m = copy.deepcopy(base)
+    convert(m, "care_mla", Budget(kv_save=0.5), tiny_stats(base))
+    pre = m(x).logits
+    for path in ("reconstruct", "absorbed"):
+        set_path(m, path)
+        cache = StaticCache(config=m.config, max_cache_len=16)
+        dec, _ = _decode(m, x, cache)
+        assert (dec - pre).abs().max() <= 1e-4, path
+        assert cache_bytes(cache) == accounted_width(m) * 16 * 2 * 4

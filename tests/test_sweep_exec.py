@@ -237,3 +237,18 @@ def test_cli_executor_override_is_checked(tmp_path, tiny_dir, capsys):
     assert main(["sweep", str(p), "--executor", "submitit", "--executor-option", "cluster=debug",
                  "--results", str(tmp_path / "r"), "--dry-run"]) == 0
     assert "5 jobs, 0 done, 5 to run" in capsys.readouterr().out
+
+
+def test_shards_in_parallel_processes_give_the_same_rows(tmp_path, tiny_dir, reference):
+    """Three `--shard i/3` processes at once, then a plain run that only collects: the serial rows."""
+    sweep_file = write_sweep(tmp_path / "tiny.yaml", tiny_dir)
+    cmd = [sys.executable, "-m", "harness", "sweep", str(sweep_file), "--results", str(tmp_path), "--no-leaderboard"]
+    procs = [subprocess.Popen(cmd + ["--shard", f"{i}/3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(3)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert [f"shard {i}/3: {n} of them" in o for i, (o, n) in enumerate(zip(outs, (2, 2, 1)))] == [True] * 3
+    df = run_sweep(load_sweep(sweep_file), tmp_path)
+    assert_same_rows(df, reference)
+    assert not leftovers(tmp_path)
+    assert main(["sweep", str(sweep_file), "--results", str(tmp_path), "--shard", "3/3"]) == 2

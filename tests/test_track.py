@@ -15,6 +15,9 @@ from harness.track import offline_runs, read_offline_run, sync
 from test_sweep_exec import make_tiny_model_dir, write_sweep
 
 
+SECRET = "local-0123456789abcdef0123456789abcdef01234567"  # looks like a W&B key (40 hex after a prefix)
+
+
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory, smollm_tokenizer):
     """A 2-job sweep (baseline, svd at 50 %) with W&B on and lm-eval's arc_easy on 4 documents."""
@@ -26,6 +29,8 @@ def tracked(tmp_path_factory, smollm_tokenizer):
         mp.setenv("MLA_HARNESS_CACHE", str(root / "cache"))
         mp.setenv("WANDB_DATA_DIR", str(root / "wandb-data"))  # artifact staging (tables), kept for a sync
         mp.setenv("WANDB_CACHE_DIR", str(root / "wandb-cache"))
+        mp.setenv("WANDB_API_KEY", SECRET)  # must never be written anywhere under results/
+        mp.setenv("HF_TOKEN", SECRET)
         model = make_tiny_model_dir(root / "tiny-llama", smollm_tokenizer)
         sweep = load_sweep(write_sweep(root / "track.yaml", model, name="track", budgets=(0.5,), methods=("svd",),
                                        wandb=True, tasks="arc_easy"))
@@ -74,3 +79,12 @@ def test_read_offline_run_refuses_other_files(tmp_path):
         read_offline_run(tmp_path)
     with pytest.raises(FileNotFoundError):
         read_offline_run(tmp_path / "missing")
+
+
+def test_no_key_or_token_is_written_to_results(tracked):
+    """Security: a W&B key or hub token in the environment reaches no result file, log or W&B run."""
+    results, _, _ = tracked
+    files = [p for p in results.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.name == "config.json" for p in files)
+    leaked = [p for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaked, leaked

@@ -8,11 +8,12 @@ COMMON = dict(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attentio
               num_key_value_heads=2, intermediate_size=256, head_dim=32)
 
 
-def tiny_model(arch: str, seed: int = 0, sliding: bool = False):
+def tiny_model(arch: str, seed: int = 0, sliding: bool = False, vocab_size: int = 128):
     """A 2-layer random model; D=128 >= 2*n_kv*d_h so every method can reach full rank."""
     import transformers as tf
 
     torch.manual_seed(seed)
+    COMMON = {**globals()["COMMON"], "vocab_size": vocab_size}
     if arch == "llama":
         cfg, cls = tf.LlamaConfig(**COMMON), tf.LlamaForCausalLM
     elif arch == "qwen2":
@@ -40,3 +41,20 @@ def tiny_stats(model, seed: int = 0):
 
     g = torch.Generator().manual_seed(seed)
     return collect_stats(model, torch.randint(0, 128, (8, 16), generator=g), batch_size=4, progress=False)
+
+
+def tiny_tokenizer(bos: bool):
+    """A byte-level tokenizer (256 byte tokens + <bos> 256 + <eos> 257) that puts <bos> in front of
+    every text by default when `bos` (like Gemma's and Llama-3's), or never (like SmolLM2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<bos>": 256, "<eos>": 257})
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    if bos:
+        t.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                         special_tokens=[("<bos>", 256)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")

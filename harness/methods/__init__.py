@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from harness.errors import HarnessError
+from harness.options import declared_options, option_problems, resolve_options
 
 
 @dataclass
@@ -32,18 +33,15 @@ class Method:
     @property
     def options(self) -> dict:
         """Keyword-only options and their defaults."""
-        sig = inspect.signature(self.fn)
-        return {k: p.default for k, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
+        return {k: o.default for k, o in declared_options(self.fn).items()}
+
+    def option_problems(self, opts: dict) -> list[tuple[str, str]]:
+        """Every problem of `opts` (unknown name, type, range, choices) as (option, message)."""
+        return option_problems(self.fn, opts, f"method '{self.name}'")
 
     def check_options(self, opts: dict) -> dict:
-        known = self.options
-        bad = [k for k in opts if k not in known]
-        if bad:
-            raise HarnessError(
-                f"method '{self.name}' has no option(s) {', '.join(bad)}; its options are "
-                f"{', '.join(f'{k}={v!r}' for k, v in known.items()) or '(none)'}"
-            )
-        return {**known, **opts}
+        """`opts` with defaults filled in and values converted; one HarnessError naming every problem."""
+        return resolve_options(self.fn, opts, f"method '{self.name}'")
 
 
 METHODS: dict[str, Method] = {}
@@ -120,11 +118,13 @@ def calibrate_and_convert(model, tokenizer, method: str, budget, calib, *, path:
         the conversion record; its "calibration" entry holds the statistics' meta when they were used.
     """
     from harness.calibrate import get_stats
+    from harness.data import adds_bos
 
     m = get_method(method)
     opts = m.check_options(options)
     stats = get_stats(model, tokenizer, calib, progress=progress) if m.requires_stats(opts) else None
     record = convert(model, method, budget, stats, path=path, **opts)
+    record["bos"] = adds_bos(tokenizer)  # calibration windows (and every scored window) start with BOS
     if stats is not None:
         record["calibration"] = stats.meta
     return record
@@ -133,3 +133,4 @@ def calibrate_and_convert(model, tokenizer, method: str, budget, calib, *, path:
 import torch  # noqa: E402
 
 from harness.methods import svd, care, care_joint, mha2mla, asvd, svdllm  # noqa: E402,F401  (fill the registry)
+from harness.methods import care_mla  # noqa: E402,F401

@@ -4,12 +4,13 @@ from __future__ import annotations
 import torch
 
 from harness.methods import register
+from harness.options import Annotated, Range
 from harness.methods._linalg import factor_split
 from harness.mla.accounting import per_layer_width
 
 
 @register("asvd")
-def asvd(layers, stats, budget, *, alpha: float = 0.5):
+def asvd(layers, stats, budget, *, alpha: Annotated[float, Range(min=0)] = 0.5):
     """SVD of W diag(s), s = mean|x|^alpha per input channel, split K/V at uniform rank."""
     out = []
     for a in layers:

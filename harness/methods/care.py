@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from harness.errors import HarnessError
 from harness.methods import register
+from harness.options import Annotated, Literal, Range
 from harness.methods._linalg import cov_power, factor_split, spectrum, waterfill
 from harness.mla.accounting import parity_rank, per_layer_width
 
@@ -26,7 +27,8 @@ def allocate(spectra, r: int, cap: int, allocation: str, min_frac: float = 0.5, 
 
 
 @register("care")
-def care(layers, stats, budget, *, allocation: str = "waterfill", power: float = 0.5, damping: float = 0.01):
+def care(layers, stats, budget, *, allocation: Literal["uniform", "waterfill"] = "waterfill",
+         power: Annotated[float, Range(min=0)] = 0.5, damping: Annotated[float, Range(min=0)] = 0.01):
     """Covariance-aware (sqrt C) SVD of W_k and W_v, uniform or water-filled ranks."""
     ks, vs, sks, svs = [], [], [], []
     for a in layers:

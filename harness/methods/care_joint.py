@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from harness.methods import register
+from harness.options import Annotated, Literal, Range
 from harness.methods._linalg import cov_power, kv_biases, spectrum, whitened_factor
 from harness.methods.care import allocate
 from harness.mla.accounting import per_layer_width
@@ -15,7 +16,8 @@ from harness.mla.factors import LayerFactors, all_rope_dims
 
 
 @register("care_joint")
-def care_joint(layers, stats, budget, *, allocation: str = "uniform", power: float = 0.5, damping: float = 0.01):
+def care_joint(layers, stats, budget, *, allocation: Literal["uniform", "waterfill"] = "uniform",
+               power: Annotated[float, Range(min=0)] = 0.5, damping: Annotated[float, Range(min=0)] = 0.01):
     """Covariance-aware SVD of the stacked [W_k; W_v], one shared latent per layer."""
     mats, whit, spectra = [], [], []
     for a in layers:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 
 from harness.methods import register
+from harness.options import Annotated, Range
 from harness.methods._linalg import factor_split
 from harness.mla.accounting import per_layer_width
 
 
 @register("svdllm")
-def svdllm(layers, stats, budget, *, damping: float = 0.01):
+def svdllm(layers, stats, budget, *, damping: Annotated[float, Range(min=0)] = 0.01):
     """Cholesky-whitened SVD of W_k and W_v at uniform rank."""
     out = []
     for a in layers:

@@ -4,7 +4,9 @@
 (B, 1, T, r) and their exact RoPE keys as the "values" (B, 1, T, n_kv*2p), so the bytes held are
 exactly the accounted width x tokens x dtype size (sliding-window layers keep only their window,
 as in the original). Pass one to `generate(past_key_values=LatentCache(config=model.config))`, or
-let the model create a plain DynamicCache: both hold the same tensors.
+let the model create a plain DynamicCache: both hold the same tensors. A transformers
+`StaticCache` works the same way (preallocated: bytes = accounted width x slots x dtype size);
+`harness.mla.static.StaticDecoder` decodes on one with each step captured as a CUDA graph.
 """
 from __future__ import annotations
 

@@ -59,8 +59,10 @@ def apply_conversion(model, factors: list[LayerFactors], record: dict | None = N
     rotary = model.model.rotary_emb
     layer_types = getattr(model.config, "layer_types", None)
     needs_type = "layer_type" in inspect.signature(rotary.forward).parameters  # Gemma3: local/global RoPE
-    for info, f, dec in zip(layers, factors, decoder_layers(model)):
-        m = MLAAttention(info.module, f, n_h=info.n_h, n_kv=info.n_kv, d_h=info.d_h, path=path)
+    # Build every module first: a path that does not apply fails before any layer is swapped.
+    mods = [MLAAttention(info.module, f, n_h=info.n_h, n_kv=info.n_kv, d_h=info.d_h, path=path)
+            for info, f in zip(layers, factors)]
+    for info, m, dec in zip(layers, mods, decoder_layers(model)):
         m.bind_rotary(rotary, layer_types[info.index] if (needs_type and layer_types) else None)
         dec.self_attn = m
     rec = dict(record or {})

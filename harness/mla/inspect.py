@@ -6,7 +6,6 @@ import torch
 from harness.mla.attention import MLAAttention
 from harness.mla.cache import LatentCache, cache_bytes
 from harness.arch import decoder_layers
-from harness.models import load_model
 
 
 @torch.no_grad()
@@ -20,8 +19,8 @@ def measured_cache_bytes(model, tokenizer, tokens: int = 64, prompt: str = "The 
     return cache_bytes(cache), out.shape[1] - 1
 
 
-def inspect_model(spec, tokens: int = 64) -> str:
-    model, tok = load_model(str(spec)) if isinstance(spec, str) else spec
+def inspect_model(model, tok, tokens: int = 64) -> str:
+    """Per-layer table of a (converted) model and its measured cache bytes after `tokens` generated tokens."""
     rec = getattr(model.config, "mla_conversion", None)
     lines = []
     if rec:

@@ -1,0 +1,31 @@
+"""The GPU benchmark suite's code path, run on CPU with a tiny Llama (`--shapes smoke`)."""
+import torch
+
+from harness.bench import SMOKE, gpu_suite, gpu_table
+
+
+def test_gpu_suite_code_path_on_cpu():
+    threads = torch.get_num_threads()
+    try:
+        text, rows = gpu_suite([40], [2], 2, 1, 0.75, "cpu", SMOKE)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["model"] for r in rows] == ["original", "original", "care_mla / mha2mla (kv_save 0.75)"]
+    assert all(r["decode_tok_s"] > 0 and 0 < r["share_of_floor"] for r in rows)
+    # 1 layer, n_kv 2, d_h 32, fp32: 2*2*32*4 bytes per token originally, a quarter converted
+    assert [r["cache_bytes_per_token"] for r in rows] == [512, 512, 128]
+    static = rows[0]
+    assert static["cache_bytes"] == static["cache_slots"] * 512  # the static cache holds every slot's bytes
+    assert rows[2]["cache_bytes"] == rows[2]["cache_slots"] * 128
+    assert text.count("\n| ") == 4  # header + 3 rows
+
+
+def test_gpu_table_says_what_did_not_fit():
+    rows = [{"model": "original", "decode": "static", "batch": 16, "context": 32768, "oom": True,
+             "floor_tok_s": 700.0, "cache_bytes_per_token": 131072},
+            {"model": "care_mla", "decode": "static", "batch": 16, "context": 32768, "decode_tok_s": 800.0,
+             "floor_tok_s": 1500.0, "share_of_floor": 800 / 1500, "step_ms": 20.0, "cache_bytes_per_token": 32768,
+             "peak_mem_bytes": 40 * 2**30}]
+    t = gpu_table(rows, int(79.2 * 2**30))
+    assert "OOM (does not fit in 79.2 GiB)" in t and "nan" not in t
+    assert "| 800.0 | original OOM | 1500 | 53% |" in t
