@@ -8,15 +8,17 @@ import copy
 import pytest
 import torch
 
+from harness.errors import HarnessError
 from harness.methods import convert
 from harness.mla import Budget, LatentCache, accounted_width, set_path
 
 pytestmark = pytest.mark.real
 
-# Gemma3RMSNorm computes in float32 whatever the model's dtype (x.float()), so even a float64 model
-# rounds its q/k-norm and layer norms to fp32: a conversion that is exact in float64 moves logits of
-# magnitude ~20 by at most a few fp32 ulps (measured 1.9e-6 = one ulp at 16-32, for every method).
-PARITY = 1e-5
+# Gemma3RMSNorm computes in float32 whatever the model's dtype (x.float()), and its RoPE tables are
+# float32 too, so even a float64 model rounds there: a conversion that is exact in float64 moves
+# logits of magnitude ~20 by a few fp32 ulps (measured 1.9e-6 = one ulp at 16-32 for the methods
+# that rebuild every key dim, 1.5e-5 for mha2mla, whose RoPE keys are cached rotated).
+PARITY = 5e-5
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_converted_gemma_generates_holding_the_accounted_bytes(gemma):
     m = copy.deepcopy(model)
     convert(m, "mha2mla", Budget(kv_save=0.5), stats)
     assert accounted_width(m) == 18 * 256
-    with pytest.raises(ValueError, match="k-norm"):  # q/k-norm: the reconstruct path only
+    with pytest.raises(HarnessError, match="k-norm"):  # q/k-norm: the reconstruct path only
         set_path(m, "absorbed")
     ids = tok("Paris is the capital of", return_tensors="pt").input_ids
     cache = LatentCache(config=m.config)
