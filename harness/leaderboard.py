@@ -63,27 +63,49 @@ def _with_ratios(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+# The metric a paper reports for its task group (DESIGN §9): CARE averages acc_norm (acc where lm-eval
+# defines no acc_norm), MHA2MLA lighteval's acc_norm without the leading space; everything else acc.
+PRIMARY_METRIC = (("mha2mla", "acc_norm_nospace"), ("care_eval", "acc_norm"))
+ACC_METRICS = ("acc", "acc_norm", "acc_norm_nospace")
+
+
+def task_metric(task: str) -> str:
+    """The metric shown and averaged for `task` (`PRIMARY_METRIC`)."""
+    return next((m for prefix, m in PRIMARY_METRIC if task.startswith(prefix)), "acc")
+
+
+def _metric_col(row_or_cols, task: str) -> str:
+    """`<task>/<its metric>`, or `<task>/acc` where the rows lack that metric."""
+    col = f"{task}/{task_metric(task)}"
+    cols = row_or_cols.index if isinstance(row_or_cols, pd.Series) else row_or_cols
+    return col if col in cols else f"{task}/acc"
+
+
 def task_columns(df: pd.DataFrame) -> list[str]:
-    """`<task>/acc` columns to show: a group's subtasks are folded into it (mmlu_* into mmlu)."""
+    """`<task>/<metric>` columns to show: a group's subtasks are folded into it (mmlu_* into mmlu)."""
     tasks = [c[: -len("/acc")] for c in df.columns if c.endswith("/acc")]
     shown = [t for t in tasks if not any(g != t and t.startswith(g + "_") for g in tasks)]
-    return [f"{t}/acc" for t in shown]
+    return [_metric_col(df.columns, t) for t in shown]
+
+
+def _task(col: str) -> str:
+    return col.rsplit("/", 1)[0]
 
 
 def _asked(row: pd.Series, shown: list[str]) -> list[str]:
     """The tasks whose mean is the row's acc_mean: what the job asked for (a group counts once), else `shown`."""
     asked = row.get("tasks")
-    names = [t for t in str(asked).split(",")] if isinstance(asked, str) and asked else [c[:-4] for c in shown]
-    return [t for t in names if f"{t}/acc" in row.index and pd.notna(row[f"{t}/acc"])]
+    names = [t for t in str(asked).split(",")] if isinstance(asked, str) and asked else [_task(c) for c in shown]
+    return [t for t in names if _metric_col(row, t) in row.index and pd.notna(row[_metric_col(row, t)])]
 
 
 def _mean_acc(row: pd.Series, shown: list[str]) -> pd.Series:
-    """Mean accuracy over the asked tasks and its stderr, sqrt(sum se^2) / k (the tasks are independent)."""
+    """Mean accuracy over the asked tasks (each in its metric) and its stderr, sqrt(sum se^2) / k."""
     names = _asked(row, shown)
     if not names:
         return pd.Series({"acc_mean": float("nan"), "acc_mean_stderr": float("nan")})
-    vals = [row[f"{t}/acc"] for t in names]
-    ses = [row.get(f"{t}/acc_stderr") for t in names]
+    vals = [row[_metric_col(row, t)] for t in names]
+    ses = [row.get(_metric_col(row, t) + "_stderr") for t in names]
     se = (sum(e * e for e in ses) ** 0.5 / len(ses)) if all(e is not None and pd.notna(e) for e in ses) else float("nan")
     return pd.Series({"acc_mean": sum(vals) / len(vals), "acc_mean_stderr": se})
 
@@ -112,15 +134,15 @@ def _paired(df: pd.DataFrame, results: Path, shown: list[str]) -> pd.DataFrame:
         if b is None or c is None:
             continue
         names = _asked(r, shown)
-        res = paired_difference(b[0], c[0], names, c[1])
-        if res is None:
-            continue
-        out.loc[i, ["acc_delta", "acc_delta_lo", "acc_delta_hi"]] = [res["delta"], res["lo"], res["hi"]]
-        out.loc[i, "acc_mean_significant"] = res["significant"]
+        metrics = {_metric_col(r, t).rsplit("/", 1)[1] for t in names}
+        res = paired_difference(b[0], c[0], names, c[1], metric=metrics.pop()) if len(metrics) == 1 else None
+        if res is not None:
+            out.loc[i, ["acc_delta", "acc_delta_lo", "acc_delta_hi"]] = [res["delta"], res["lo"], res["hi"]]
+            out.loc[i, "acc_mean_significant"] = res["significant"]
         for col in shown:
-            one = paired_difference(b[0], c[0], [col[:-4]], c[1])
+            one = paired_difference(b[0], c[0], [_task(col)], c[1], metric=col.rsplit("/", 1)[1])
             if one is not None:
-                out.loc[i, col.replace("/acc", "/acc_significant")] = one["significant"]
+                out.loc[i, col + "_significant"] = one["significant"]
     return out
 
 
@@ -166,7 +188,7 @@ def leaderboard_frame(df: pd.DataFrame, all_columns: bool = False, results: Path
             for c in paired.columns:
                 df[c] = paired[c]
         extra = ["acc_delta", "acc_delta_lo", "acc_delta_hi", "acc_mean_significant"]
-        extra += [c.replace("/acc", suffix) for c in shown for suffix in ("/acc_stderr", "/acc_significant")]
+        extra += [c + suffix for c in shown for suffix in ("_stderr", "_significant")]
     ppl_cols = sorted(c for c in df.columns if c.startswith("ppl_"))
     cols = ID_COLS + ["kv_save"] + (["bytes_per_token", "kv_bytes_fraction"] if quantized else []) + ["ranks"]
     cols += (["acc_mean", "acc_mean_stderr", "acc_delta", "acc_ratio"] + shown if shown else [])
@@ -225,7 +247,7 @@ def _fmt(col: str, v) -> str:
         return f"{100 * v:.1f}"
     if col.startswith("ratio_") or col == "acc_ratio":
         return f"{v:.2f}x"
-    if col.endswith("/acc") or col == "acc_mean":
+    if col.rsplit("/", 1)[-1] in ACC_METRICS and "/" in col or col == "acc_mean":
         return f"{100 * v:.1f}"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 1000 else f"{v:.4g}"
@@ -245,12 +267,19 @@ def _markdown(lb: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def tasks_notes(df: pd.DataFrame) -> str:
+    """What the rows' task groups lack ("care_eval: RACE: no offline rows (7/8 tasks)"), for every table."""
+    notes = sorted(set(df["tasks_note"].dropna())) if "tasks_note" in df else []
+    return " ".join(f"Note: {n}." for n in notes)
+
+
 def summary_table(df: pd.DataFrame, results: Path | None = None) -> str:
     """Markdown table: method, budget, KV save, ranks, accuracy ± stderr (n.s. vs baseline), ppl per domain."""
     if not len(df):
         return "(no rows)"
     lb = leaderboard_frame(df, results=results)
-    return _markdown(lb) if len(lb) else "(no finished rows)"
+    table = _markdown(lb) if len(lb) else "(no finished rows)"
+    return table + (f"\n\n{tasks_notes(df)}" if tasks_notes(df) else "")
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -439,6 +468,7 @@ def write_leaderboard(results: Path, plots: bool = True) -> str:
     lb = full[full.attrs.get("table_columns", list(full.columns))]
     failed = int((df["status"] != "ok").sum()) if "status" in df else 0
     note = f"{len(lb)} rows from {f}" + (f"; {failed} failed job(s) left out." if failed else ".")
+    note += f" {tasks_notes(df)}" if tasks_notes(df) else ""
     md = _markdown(lb) if len(lb) else "(no finished rows)"
     images = make_plots(df, results / "plots") if plots else []
     if plots and "kv_bytes_fraction" in df:  # quality against KV bytes (quantization included)

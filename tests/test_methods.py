@@ -1,4 +1,5 @@
 """Methods: equivalences, rank allocation, budgets, errors."""
+import copy
 import math
 
 import pytest
@@ -120,6 +121,20 @@ def test_mha2mla_needs_statistics_only_for_2norm():
     with pytest.raises(HarnessError, match="needs calibration statistics"):
         convert(model, "mha2mla", Budget(kv_save=0.5), None)
     convert(model, "mha2mla", Budget(kv_save=0.5), None, selection="low")
+
+
+def test_mha2mla_width_fraction_caches_that_share_of_the_budget():
+    """CARE's MHA2MLA baseline: half the bytes of the split methods at the same "rank r"."""
+    from harness.mla import accounted_width
+
+    model = tiny_model("llama")  # n_kv 2, d_h 32, 2 layers: kv_save 0.5 -> 64 per layer
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    convert(a, "mha2mla", Budget(kv_save=0.5), None, selection="high")
+    convert(b, "mha2mla", Budget(kv_save=0.5), None, selection="high", width_fraction=0.5)
+    assert accounted_width(a) == 2 * 64 and accounted_width(b) == 2 * 32
+    assert b.config.mla_conversion["accounting"]["kv_save"] == 0.75
+    with pytest.raises(HarnessError, match="width_fraction"):
+        convert(copy.deepcopy(model), "mha2mla", Budget(kv_save=0.5), None, selection="high", width_fraction=1.5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -94,3 +94,16 @@ def test_leaderboard_shows_stderr_and_marks_not_significant(tmp_path):
     bad_line = next(line for line in table.splitlines() if "| bad |" in line)
     assert " ± " in same_line and "n.s." in same_line and "n.s." not in bad_line
     assert "-20.0 [" in bad_line
+
+
+def test_paper_groups_are_shown_and_averaged_in_their_papers_metric():
+    from harness.leaderboard import task_columns
+
+    row = {"job_id": "x", "status": "ok", "model": "m", "method": "baseline", "kv_save": 0.0, "heal": "none",
+           "tasks": "care_eval", "care_eval/acc": 0.40, "care_eval/acc_norm": 0.45, "care_eval/acc_norm_stderr": 0.01,
+           "mha2mla_eval/acc": 0.3, "mha2mla_eval/acc_norm_nospace": 0.35}
+    df = pd.DataFrame([row])
+    assert task_columns(df) == ["care_eval/acc_norm", "mha2mla_eval/acc_norm_nospace"]
+    lb = leaderboard_frame(df)
+    assert lb.loc[0, "acc_mean"] == 0.45 and lb.loc[0, "acc_mean_stderr"] == pytest.approx(0.01)
+    assert "45.0 ± 1.0" in summary_table(df)

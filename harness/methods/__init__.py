@@ -87,6 +87,8 @@ def convert(model, method: str, budget, stats=None, *, path: str = "reconstruct"
     if m.requires_stats(opts) and stats is None:
         raise HarnessError(f"method '{method}' needs calibration statistics; give a calibration corpus")
     layers = attention_layers(model)
+    if stats is not None:  # factor where the weights are (float64 on CUDA too): no device mixing
+        stats = stats.to(next(model.parameters()).device)
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     # The factorizations are many small float64 LAPACK calls: one thread is as fast and avoids

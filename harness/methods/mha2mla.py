@@ -34,7 +34,7 @@ def select_pairs(selection: str, p: int, half: int, n_kv: int, n_h: int, layer: 
         k = stats.k_pair_norm[layer].double()  # (n_kv, half)
         g = n_h // n_kv
         score = (q.view(n_kv, g, half) * k[:, None, :]).sum(1)  # (n_kv, half)
-        return score.topk(p, dim=1).indices.sort(dim=1).values
+        return score.topk(p, dim=1).indices.sort(dim=1).values.cpu()  # index bookkeeping stays on the CPU
     else:
         raise HarnessError(f"unknown mha2mla selection '{selection}'; use one of {', '.join(SELECTIONS)}")
     return idx[None].expand(n_kv, -1).clone()
@@ -49,9 +49,9 @@ def rope_pair_count(a, rope_pairs: int | None) -> int:
     return p
 
 
-def latent_width(budget, a, p: int, min_width: int = 1) -> int:
-    """d_c = per-layer cache width - n_kv*2p (the exact RoPE keys are cached too, DESIGN §2)."""
-    w = per_layer_width(budget, a.n_kv, a.d_h)
+def latent_width(budget, a, p: int, min_width: int = 1, fraction: float = 1.0) -> int:
+    """d_c = per-layer cache width (times `fraction`) - n_kv*2p (the exact RoPE keys are cached too, DESIGN §2)."""
+    w = round(per_layer_width(budget, a.n_kv, a.d_h) * fraction)
     d_c = w - a.n_kv * 2 * p
     if d_c < min_width:
         raise HarnessError(
@@ -101,14 +101,20 @@ def joint_factors(a, rope_dims, latent_dims, k_rope, nk: int, down, up, info: di
 @register("mha2mla", needs_stats=lambda opts: opts["selection"] == "2norm")  # RoPE pair norms
 def mha2mla(layers, stats, budget, *, rope_pairs: Annotated[int, Range(min=1)] | None = None,
             selection: Literal["2norm", "high", "low", "uniform"] = "2norm",
-            lowrank: Literal["joint", "split"] = "joint"):
-    """Partial RoPE (2-norm selection) + joint SVD of the NoPE keys and the values."""
+            lowrank: Literal["joint", "split"] = "joint",
+            width_fraction: Annotated[float, Range(min=0, max=1, open_min=True)] = 1.0):
+    """Partial RoPE (2-norm selection) + joint SVD of the NoPE keys and the values.
+
+    width_fraction < 1 caches that fraction of the budget's width: 0.5 is CARE's "MHA2MLA" baseline,
+    a joint latent of rank r beside split methods with rank r per K and per V, i.e. half their bytes
+    (DESIGN §9); the row's measured kv_save says what it really cached.
+    """
     if lowrank not in ("joint", "split"):
         raise HarnessError(f"unknown mha2mla lowrank '{lowrank}'; use joint or split")
     out = []
     for a in layers:
         p = rope_pair_count(a, rope_pairs)
-        d_c = latent_width(budget, a, p, 2 if lowrank == "split" else 1)
+        d_c = latent_width(budget, a, p, 2 if lowrank == "split" else 1, width_fraction)
         rope_dims, latent_dims, k_rope, k_nope, Wv = rope_split(a, p, selection, stats)
         nk, D = k_nope.shape
         info = {"rope_pairs": p, "selection": selection}

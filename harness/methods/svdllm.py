@@ -20,10 +20,11 @@ def svdllm(layers, stats, budget, *, damping: Annotated[float, Range(min=0)] = 0
     out = []
     for a in layers:
         C = stats.cov[a.index].double()
-        C = C + damping * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+        eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        C = C + damping * C.diagonal().mean() * eye
         Lc = torch.linalg.cholesky(C)
         S = Lc.T
-        S_inv = torch.linalg.solve_triangular(Lc, torch.eye(C.shape[0], dtype=C.dtype), upper=False).T
+        S_inv = torch.linalg.solve_triangular(Lc, eye, upper=False).T
         w = per_layer_width(budget, a.n_kv, a.d_h)
         out.append(factor_split(a, w // 2, w - w // 2, S, S_inv))
     return out
