@@ -156,10 +156,12 @@ def apply_overrides(raw: dict, overrides: list[str], lines: dict) -> tuple[dict,
         for k in [k for k in lines if k[:len(path)] == tuple(path) and len(k) > len(path)]:
             lines[k] = OVERRIDE
         if path != ["name"]:
-            parts.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+            text = yaml.safe_dump(value, default_flow_style=True).strip()
+            parts.append(f"{key}={text.removesuffix('...').strip()}")  # a scalar's dump ends with '...'
+
     if "name" in {k.split(".")[0] for k in parse_assignments(overrides, OVERRIDE)}:
         return raw, ""
-    slug = re.sub(r"[^A-Za-z0-9_.=,-]+", "", "+".join(parts).replace(" ", ""))
+    slug = re.sub(r"[^A-Za-z0-9_.=,+-]+", "", "+".join(parts).replace(" ", ""))
     if len(slug) > 48:
         slug = slug[:36] + "-" + hashlib.sha256("+".join(parts).encode()).hexdigest()[:8]
     return raw, "+" + slug if slug else ""

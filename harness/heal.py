@@ -394,7 +394,7 @@ def _train(run: _Run, teacher, evaluate, state_path, checkpoint_every, on_step, 
         if not due:
             return
         run.net.eval()
-        metrics = evaluate(run.net)
+        metrics = evaluate(run.model)  # LoRA adapters live inside the model: it is what the peft wrapper runs
         run.net.train()
         done_marks.update(due)
         run.curve.append({"mark": due[-1], "tokens": run.tokens, **metrics})

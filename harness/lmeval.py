@@ -323,15 +323,16 @@ CUDA_MAX_BATCH = 64  # upper bound of lm-eval's batch-size search on a GPU
 def lm_batch_size(batch_size: int | str | None, device) -> tuple[int | str, int]:
     """(batch_size, max_batch_size) for lm-eval's HFLM on `device`.
 
-    On CUDA lm-eval searches the largest batch that fits ("auto", from max(batch_size, 64) down,
-    at the longest request): a 135M model scores in batches of 64, Gemma's 262k-token vocabulary
-    halves that where its logits would not fit. On CPU the given size is used (None: 8). Batch
-    size changes only the order of float sums, never which requests are scored.
+    On CUDA lm-eval searches the largest batch that fits ("auto", from `batch_size` down, at the
+    longest request; None: 64), so the sweep's eval.batch_size is a ceiling: several processes
+    sharing one GPU each stay under it instead of each sizing itself to the whole card. On CPU the
+    given size is used (None: 8). Batch size changes only the order of float sums, never which
+    requests are scored.
     """
     if isinstance(batch_size, str):
         return batch_size, CUDA_MAX_BATCH
     if getattr(device, "type", str(device)) == "cuda":
-        return "auto", max(int(batch_size or 0), CUDA_MAX_BATCH)
+        return "auto", int(batch_size or CUDA_MAX_BATCH)
     return int(batch_size or 8), CUDA_MAX_BATCH
 
 

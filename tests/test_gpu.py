@@ -153,7 +153,8 @@ def test_lm_eval_on_cuda_matches_cpu(constructed_task):
 
     cpu = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256)).eval()
-    assert lm_batch_size(8, torch.device("cuda")) == ("auto", 64) and lm_batch_size(8, torch.device("cpu")) == (8, 64)
+    assert lm_batch_size(16, torch.device("cuda")) == ("auto", 16) and lm_batch_size(None, torch.device("cuda")) == ("auto", 64)
+    assert lm_batch_size(8, torch.device("cpu")) == (8, 64)
 
     def lls(model):
         rows, raw = run_lm_eval(model, tok, ["gpu_mc"], log_samples=True)

