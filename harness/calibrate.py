@@ -12,6 +12,7 @@ mixture of calibrations is the token-weighted sum of the parts' fields, DESIGN Â
                                      output: gamma_j^2 / (mean_d k^2 + eps) under a k-norm, 1 without
     cross_cov[l]    (D, D) float64   only in sequential statistics (`collect_sequential`): E[x~ x^T] with
                                      x~ the input in the partially converted model and x the original's
+    x_mean_ref[l]   (D,) float64     with cross_cov: E[x], the original's mean input (x_mean is then E[x~])
 The result is cached under $MLA_HARNESS_CACHE/stats keyed by (model weights fingerprint, corpus,
 n, seq_len, seed), so every method and budget of a sweep reuses one pass; a file lock makes
 concurrent jobs of one (model, corpus) compute it once. Sequential statistics depend on the
@@ -52,6 +53,7 @@ class Stats:
     q_pair_sq: torch.Tensor | None = None  # (L, n_h, d_h/2)
     k_jac_sq: torch.Tensor | None = None  # (L, n_kv, d_h)
     cross_cov: torch.Tensor | None = None  # (L, D, D) float64, sequential statistics only
+    x_mean_ref: torch.Tensor | None = None  # (L, D) float64, with cross_cov
 
     @classmethod
     def tensor_fields(cls) -> list[str]:
@@ -117,6 +119,7 @@ class _Sums:
         self.kj = torch.zeros(L, n_kv, d_h, **f64)
         self.has_kj = torch.zeros(L, dtype=torch.bool)
         self.cross = torch.zeros(L, D, D, **f64) if cross else None
+        self.xm_ref = torch.zeros(L, D, **f64) if cross else None
 
     def add(self, a, x: torch.Tensor) -> None:
         """Add the tokens x (N, D) seen by attention layer `a` (an AttnLayer with its original module)."""
@@ -144,13 +147,15 @@ class _Sums:
 
     def add_cross(self, l: int, x_conv: torch.Tensor, x_orig: torch.Tensor) -> None:
         self.cross[l] += (x_conv.double().T @ x_orig.double()).cpu()
+        self.xm_ref[l] += x_orig.double().sum(0).cpu()
 
     def finish(self, n: int) -> Stats:
         kj = torch.where(self.has_kj[:, None, None], self.kj / n, torch.ones_like(self.kj))
         st = Stats(cov=self.cov / n, abs_mean=(self.absm / n).float(), q_pair_norm=(self.qn / n).float(),
                    k_pair_norm=(self.kn / n).float(), n_tokens=n, x_mean=self.xm / n,
                    q_pair_sq=(self.qs / n).float(), k_jac_sq=kj.float(),
-                   cross_cov=None if self.cross is None else self.cross / n)
+                   cross_cov=None if self.cross is None else self.cross / n,
+                   x_mean_ref=None if self.xm_ref is None else self.xm_ref / n)
         st.check()
         return st
 

@@ -421,6 +421,12 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None) -> Swee
                 if k not in known:
                     probs.add(("methods", i, "options", k), f"method {mc.name!r} has no option {k!r}; "
                               f"options: {', '.join(known) or '(none)'}")
+            # [wt-quality] option values too (a method's validate hook), before any job runs
+            if all(k in known for k in mc.options or {}) and METHODS[mc.name].validate is not None:
+                try:
+                    METHODS[mc.name].check_options(dict(mc.options or {}))
+                except HarnessError as e:
+                    probs.add(("methods", i, "options"), str(e))
         methods.append(MethodConfig(name=mc.name, label=mc.label, options=dict(mc.options or {})))
     if methods and not budgets:
         probs.add(("budgets",), "methods need at least one budget (e.g. - {kv_save: 0.5})")

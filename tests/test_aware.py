@@ -18,7 +18,7 @@ from harness.mla import Budget
 from harness.mla.convert import build_attention
 from tiny import ARCHS, tiny_model, tiny_stats
 
-NO_METRIC = dict(key_metric="none", value_metric="none", kv_balance="none")
+NO_METRIC = dict(key_metric="none", value_metric="none", kv_balance="none", center=False)
 
 
 def _windows(n=8, T=16, seed=0):
@@ -269,9 +269,11 @@ def test_allocator_spends_exactly_the_budget_within_bounds():
     assert w[0] > w[1] and sum(w) == 64
 
 
-def test_measured_sensitivity_and_widths():
+def test_measured_sensitivity_and_widths(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLA_HARNESS_CACHE", str(tmp_path))
     m = tiny_model("llama")
     st = tiny_stats(m)
+    st.meta["key"] = "tiny"
     layers = attention_layers(m)
     meth = get_method("aware_joint")
     x = _windows(4, 16, seed=5)
@@ -280,10 +282,15 @@ def test_measured_sensitivity_and_widths():
     opts = meth.check_options({"allocation": "sensitivity"})
     widths, rec = sensitivity_widths(m, layers, meth, st, Budget(kv_save=0.5), opts, x)
     assert sum(widths) == 2 * 64 and all(32 <= w <= 128 for w in widths)
-    assert len(rec["kl"]) == 2 and rec["probe_widths"][0] == 32
+    assert rec["probe_widths"] == [32, 64, 128] and rec["probes_reused"] == 0
+    assert [r[-1] for r in rec["kl"]] == [0.0, 0.0], "full width (128 = 2 n_kv d_h) is exact: no probe"
     mm = copy.deepcopy(m)
     convert(mm, "aware_joint", Budget(kv_save=0.5), st, allocation="sensitivity", widths=widths)
     assert [d.self_attn.rank for d in mm.model.layers] == widths
+    # another budget reuses the probes the two share (width 64 is the 75% bound's top)
+    _, rec75 = sensitivity_widths(m, layers, meth, st, Budget(kv_save=0.75), opts, x)
+    assert rec75["probe_widths"] == [16, 32, 64] and rec75["probes_reused"] == 4
+    assert [r[1:] for r in rec75["kl"]] == [r[:2] for r in rec["kl"]]
 
 
 def test_tune_picks_the_lowest_heldout_loss():
@@ -306,3 +313,26 @@ def test_tune_picks_the_lowest_heldout_loss():
 def test_bad_option_values_fail_before_compute(opts, msg):
     with pytest.raises(HarnessError, match=msg):
         get_method("aware_joint").check_options(opts)
+
+
+def test_centred_factorization_with_mean_bias_beats_uncentred():
+    """With center, the mean input is reproduced by a bias and the rank goes to the variation: the
+    K/V output error on the calibration tokens is lower at the same width."""
+    m = tiny_model("qwen2")
+    x = _windows(8)
+    xs = []
+    h = m.model.layers[1].self_attn.k_proj.register_forward_pre_hook(lambda _m, args: xs.append(args[0]))
+    m(x)
+    h.remove()
+    X = torch.cat(xs).reshape(-1, 128).double()
+    # shift the inputs' mean (as LLM residual streams have) through the statistics
+    st = collect_stats(m, x, batch_size=4, progress=False)
+    a = attention_layers(m)[1]
+    ref = torch.cat([a.module.k_proj(X.float()), a.module.v_proj(X.float())], -1).double()
+    errs = {}
+    for center in (False, True):
+        f = aware_joint([a], st, Budget(kv_save=0.75), **{**NO_METRIC, "center": center})[0]
+        c = X @ f.down.T
+        kv = torch.cat([c @ f.up_k.T + f.k_bias, c @ f.up_v.T + f.v_bias], -1)
+        errs[center] = float((kv - ref).pow(2).mean())
+    assert errs[True] < errs[False]

@@ -33,19 +33,33 @@ def whitened_factor(W: torch.Tensor, r: int, S: torch.Tensor | None = None, S_in
     return down, up, sig
 
 
-def drift_target(W: torch.Tensor, stats, l: int, damping: float) -> torch.Tensor:
+def drift_target(W: torch.Tensor, stats, l: int, damping: float, center: bool = False) -> torch.Tensor:
     """The weight to approximate in layer l: W itself, or, with sequential statistics that carry
     cross_cov = E[x~ x^T] (x~ the drifted input, x the original's), the ridge fit toward W of the
     original outputs W x from x~: W* = W + W (E[x x~^T] - C~)(C~ + a I)^-1, which is W when x~ = x.
-    Minimising ||S (W*^T - What^T) G|| then minimises E||G (What x~ - W x)||^2 (up to a constant)."""
+    Minimising ||S (W*^T - What^T) G|| then minimises E||G (What x~ - W x)||^2 (up to a constant).
+    With center, the second moments are centred (the means are matched by `mean_bias`)."""
     W = W.double()
     cross = getattr(stats, "cross_cov", None)
     if cross is None:
         return W
-    C = stats.cov[l].double()
+    C, X = stats.cov[l].double(), cross[l].double()
+    if center:
+        mu, mu_ref = stats.x_mean[l].double(), stats.x_mean_ref[l].double()
+        C, X = C - torch.outer(mu, mu), X - torch.outer(mu, mu_ref)
     Cd = C + damping * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
-    delta = cross[l].double().T - C  # E[x x~^T] - C~
-    return W + torch.linalg.solve(Cd, (W @ delta).T).T
+    return W + torch.linalg.solve(Cd, (W @ (X.T - C)).T).T
+
+
+def mean_bias(W: torch.Tensor, down: torch.Tensor, up: torch.Tensor, stats, l: int,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """The bias that matches the mean output: b + W mu_ref - up down mu (mu the mean input the
+    factors see, mu_ref the original's, equal except in sequential statistics)."""
+    mu = stats.x_mean[l].double()
+    ref = getattr(stats, "x_mean_ref", None)
+    mu_ref = mu if ref is None else ref[l].double()
+    b = W.double() @ mu_ref - up @ (down @ mu)
+    return b if bias is None else bias + b
 
 
 def sqrtm_psd(A: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:

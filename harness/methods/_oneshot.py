@@ -17,8 +17,11 @@ Each step records what it chose in the conversion record.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import heapq
+import json
 import math
+import os
 import time
 
 import torch
@@ -28,13 +31,14 @@ from harness.errors import HarnessError
 
 # Grids of the settings `tune` can pick (held-out calibration loss decides).
 TUNE_GRIDS = {
+    "key_metric": ["none", "query"],
     "kv_scale": [0.25, 0.5, 1.0, 2.0, 4.0],
     "damping": [0.001, 0.01, 0.1],
     "power": [0.5, 0.75, 1.0],
 }
 HELDOUT_WINDOWS = 8  # held-out calibration windows for tune (same seq_len as calibration)
 SENSITIVITY_WINDOWS = 4  # the first of them, for the per-layer sensitivity probes
-SENSITIVITY_POINTS = 3  # widths probed per layer, evenly spaced between the bounds
+SENSITIVITY_POINTS = 2  # widths probed per layer, evenly spaced between the bounds (plus the mean width)
 
 
 def check_shared_options(opts: dict) -> None:
@@ -168,47 +172,66 @@ def allocate_by_curves(curves: list[tuple[list[int], list[float]]], total: int, 
 
 @torch.no_grad()
 def measure_sensitivity(model, layers, method, stats, budget, opts: dict, windows: torch.Tensor,
-                        probe: list[int], batch_size: int = 8) -> list[list[float]]:
+                        probe: list[int], *, known: dict | None = None, exact_at: int | None = None,
+                        on_layer=None, batch_size: int = 8) -> list[list[float]]:
     """KL(original || only layer l converted at width w) per token, for each layer l and w in probe.
 
     Runs layers l..L-1 from the original's cached hidden states at layer l, so a probe costs
-    (L - l) / L of a forward pass.
+    (L - l) / L of a forward pass. `known` {(l, w): kl} are reused (and filled in); a width equal
+    to `exact_at` (full rank: the conversion is exact) is 0 without a probe. `on_layer(known)` is
+    called after each layer (to save progress).
     """
     from harness.arch import decoder_layers, lm_logits
     from harness.calibrate import LayerRunner
     from harness.mla.convert import build_attention
 
-    decs = decoder_layers(model)
-    runner = LayerRunner(model, windows, batch_size)
-    hs = [runner.inputs()]
-    for l in range(len(layers)):
-        hs.append([runner.run(l, h) for h in hs[-1]])
-    ntok = sum(h.shape[0] * h.shape[1] for h in hs[-1])
-    out = []
-    fixed = {"tune": None, "sequential": False, "allocation": "uniform"}
-    for a in layers:
-        l, row = a.index, []
-        for w in probe:
-            f = method.fn([a], stats, budget, **{**opts, **fixed, "widths": [w]})[0]
-            orig = decs[l].self_attn
-            decs[l].self_attn = build_attention(model, a, f)
-            try:
-                kl = 0.0
-                for b, h in enumerate(hs[l]):
-                    for j in range(l, len(layers)):
-                        h = runner.run(j, h)
-                    lp = F.log_softmax(lm_logits(model, h).float(), -1)
-                    ref = F.log_softmax(lm_logits(model, hs[-1][b]).float(), -1)  # recomputed: vocab-sized
-                    kl += float((ref.exp() * (ref - lp)).sum())
-            finally:
-                decs[l].self_attn = orig
-            row.append(kl / ntok)
-        out.append(row)
-    return out
+    known = {} if known is None else known
+    todo = [(a, w) for a in layers for w in probe if (a.index, w) not in known and w != exact_at]
+    if todo:
+        decs = decoder_layers(model)
+        runner = LayerRunner(model, windows, batch_size)
+        hs = [runner.inputs()]
+        for l in range(len(layers)):
+            hs.append([runner.run(l, h) for h in hs[-1]])
+        ref = [F.log_softmax(lm_logits(model, h).float(), -1) for h in hs[-1]]
+        ntok = sum(h.shape[0] * h.shape[1] for h in hs[-1])
+        fixed = {"tune": None, "sequential": False, "allocation": "uniform"}
+        for a in layers:
+            l = a.index
+            for w in probe:
+                if (l, w) in known or w == exact_at:
+                    continue
+                f = method.fn([a], stats, budget, **{**opts, **fixed, "widths": [w]})[0]
+                orig = decs[l].self_attn
+                decs[l].self_attn = build_attention(model, a, f)
+                try:
+                    kl = 0.0
+                    for b, h in enumerate(hs[l]):
+                        for j in range(l, len(layers)):
+                            h = runner.run(j, h)
+                        lp = F.log_softmax(lm_logits(model, h).float(), -1)
+                        kl += float((ref[b].exp() * (ref[b] - lp)).sum())
+                finally:
+                    decs[l].self_attn = orig
+                known[(l, w)] = kl / ntok
+            if on_layer is not None:
+                on_layer(known)
+    return [[0.0 if w == exact_at else known[(a.index, w)] for w in probe] for a in layers]
+
+
+# Options that do not change how one layer is factored at a given width (so not the probes' key).
+_ALLOCATION_OPTIONS = ("allocation", "widths", "tune", "sequential", "bounds")
 
 
 def sensitivity_widths(model, layers, method, stats, budget, opts: dict, windows: torch.Tensor) -> tuple[list, dict]:
-    """Per-layer widths from measured sensitivities at the budget's mean width and bounds."""
+    """Per-layer widths from measured sensitivities at the budget's bounds and mean width.
+
+    Probes are cached per (layer, width) under $MLA_HARNESS_CACHE/sensitivity, keyed by the
+    model, the calibration statistics, the held-out windows, the method and its factorization
+    options, so another budget reuses the widths they share.
+    """
+    from harness import cache_root
+    from harness.arch import weights_fingerprint
     from harness.mla.accounting import per_layer_width
 
     a0 = layers[0]
@@ -219,12 +242,30 @@ def sensitivity_widths(model, layers, method, stats, budget, opts: dict, windows
     r_max = min(cap, max(w, int(w * hi_f)))
     n = SENSITIVITY_POINTS
     probe = sorted({round(r_min + (r_max - r_min) * i / (n - 1)) for i in range(n)} | {w})
-    t0 = time.perf_counter()
     windows = windows[:SENSITIVITY_WINDOWS]
-    kl = measure_sensitivity(model, layers, method, stats, budget, opts, windows, probe)
+    ident = {"weights": weights_fingerprint(model), "stats": (stats.meta or {}).get("key"),
+             "windows": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()[:16],
+             "method": method.name, "options": {k: v for k, v in opts.items() if k not in _ALLOCATION_OPTIONS}}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = cache_root() / "sensitivity" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    known = {}
+    if path.exists():
+        known = {tuple(map(int, k.split(","))): v for k, v in json.loads(path.read_text()).items()}
+    n_known = len(known)
+
+    def save(kn):
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({f"{l},{ww}": v for (l, ww), v in kn.items()}))
+        os.replace(tmp, path)
+
+    t0 = time.perf_counter()
+    kl = measure_sensitivity(model, layers, method, stats, budget, opts, windows, probe, known=known,
+                             exact_at=cap, on_layer=save)
     L = len(layers)
     widths = allocate_by_curves([(probe, row) for row in kl], w * L, [r_min] * L, [r_max] * L)
-    rec = {"probe_widths": probe, "kl": kl, "windows": list(windows.shape), "seconds": time.perf_counter() - t0}
+    rec = {"probe_widths": probe, "kl": kl, "windows": list(windows.shape), "cache": str(path),
+           "probes_reused": n_known, "seconds": time.perf_counter() - t0}
     return widths, rec
 
 

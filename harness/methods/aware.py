@@ -34,7 +34,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.methods import register
-from harness.methods._linalg import cov_power, drift_target, kv_biases, sqrtm_psd, whitened_factor
+from harness.methods._linalg import cov_power, drift_target, kv_biases, mean_bias, sqrtm_psd, whitened_factor
 from harness.methods.care import allocate
 from harness.mla.accounting import parity_rank, per_layer_width
 from harness.mla.factors import LayerFactors, all_rope_dims, split_factors
@@ -86,13 +86,6 @@ def input_metric(stats, l: int, power: float, damping: float, center: bool):
         mu = stats.x_mean[l].double()
         C = C - torch.outer(mu, mu)
     return cov_power(C, power, damping)
-
-
-def mean_bias(W: torch.Tensor, down: torch.Tensor, up: torch.Tensor, mu: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
-    """The bias that makes the factored projection exact at the mean input: b + (W - up down) mu."""
-    b = (W.double() - up @ down) @ mu.double()
-    return b if bias is None else bias + b
 
 
 def _energy(S: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> float:
@@ -161,7 +154,7 @@ def _sequential_check(stats, sequential: bool) -> None:
 @register("aware_joint", validate=check_options)
 def aware_joint(layers, stats, budget, *, allocation: str = "uniform", power: float = 0.5, damping: float = 0.01,
                 key_metric: str = "query", value_metric: str = "output", kv_balance: str = "energy",
-                kv_scale: float = 1.0, center: bool = False, bounds: list = (0.5, 2.0),
+                kv_scale: float = 1.0, center: bool = True, bounds: list = (0.5, 2.0),
                 widths: list | None = None, sequential: bool = False, tune: list | None = None):
     """Attention-aware SVD of the stacked [W_k; W_v] (query- and o_proj-weighted), one latent per layer."""
     check_options(dict(allocation=allocation, key_metric=key_metric, value_metric=value_metric,
@@ -172,8 +165,8 @@ def aware_joint(layers, stats, budget, *, allocation: str = "uniform", power: fl
     prep = []
     for a in layers:
         S, S_inv = input_metric(stats, a.index, power, damping, center)
-        Wk = drift_target(a.module.k_proj.weight, stats, a.index, damping)
-        Wv = drift_target(a.module.v_proj.weight, stats, a.index, damping)
+        Wk = drift_target(a.module.k_proj.weight, stats, a.index, damping, center)
+        Wv = drift_target(a.module.v_proj.weight, stats, a.index, damping, center)
         G = G_inv = None
         if not plain:
             GK, GKi, GV, GVi = layer_metrics(a, stats, key_metric, value_metric)
@@ -199,9 +192,8 @@ def aware_joint(layers, stats, budget, *, allocation: str = "uniform", power: fl
         rope, lat = all_rope_dims(a.n_kv, a.d_h)
         kb, vb = kv_biases(a)
         if center:
-            mu = stats.x_mean[a.index]
-            kb = mean_bias(W[:nk], down, up[:nk], mu, kb)
-            vb = mean_bias(W[nk:], down, up[nk:], mu, vb)
+            kb = mean_bias(a.module.k_proj.weight, down, up[:nk], stats, a.index, kb)
+            vb = mean_bias(a.module.v_proj.weight, down, up[nk:], stats, a.index, vb)
         out.append(LayerFactors(
             down=down, up_k=up[:nk], up_v=up[nk:], k_slice=(0, r), v_slice=(0, r),
             rope_dims=rope, latent_dims=lat, rope_on_latent=True,
@@ -227,7 +219,7 @@ def _split_width(sk: torch.Tensor, sv: torch.Tensor, w: int, cap: int) -> tuple[
 @register("aware_split", validate=check_options)
 def aware_split(layers, stats, budget, *, allocation: str = "uniform", power: float = 0.5, damping: float = 0.01,
                 key_metric: str = "query", value_metric: str = "output", kv_balance: str = "energy",
-                kv_scale: float = 1.0, kv_split: str = "equal", center: bool = False, bounds: list = (0.5, 2.0),
+                kv_scale: float = 1.0, kv_split: str = "equal", center: bool = True, bounds: list = (0.5, 2.0),
                 widths: list | None = None, sequential: bool = False, tune: list | None = None):
     """Attention-aware SVD of W_k (query-weighted) and W_v (o_proj-weighted), separate latents."""
     check_options(dict(allocation=allocation, key_metric=key_metric, value_metric=value_metric,
@@ -237,8 +229,8 @@ def aware_split(layers, stats, budget, *, allocation: str = "uniform", power: fl
     prep = []
     for a in layers:
         S, S_inv = input_metric(stats, a.index, power, damping, center)
-        Wk = drift_target(a.module.k_proj.weight, stats, a.index, damping)
-        Wv = drift_target(a.module.v_proj.weight, stats, a.index, damping)
+        Wk = drift_target(a.module.k_proj.weight, stats, a.index, damping, center)
+        Wv = drift_target(a.module.v_proj.weight, stats, a.index, damping, center)
         GK, GKi, GV, GVi = layer_metrics(a, stats, key_metric, value_metric)
         bk, bv = _block_scales(S, Wk, Wv, GK, GV, kv_balance, kv_scale)
         prep.append((S, S_inv, Wk, Wv, GK, GKi, GV, GVi, bk, bv))
@@ -272,7 +264,7 @@ def aware_split(layers, stats, budget, *, allocation: str = "uniform", power: fl
         dv, uv, _ = whitened_factor(Wv, r_v, S, S_inv, GV, GVi)
         kb, vb = kv_biases(a)
         if center:
-            mu = stats.x_mean[a.index]
-            kb, vb = mean_bias(Wk, dk, uk, mu, kb), mean_bias(Wv, dv, uv, mu, vb)
+            kb = mean_bias(a.module.k_proj.weight, dk, uk, stats, a.index, kb)
+            vb = mean_bias(a.module.v_proj.weight, dv, uv, stats, a.index, vb)
         out.append(split_factors(dk, uk, dv, uv, a.n_kv, a.d_h, kb, vb))
     return out
