@@ -60,6 +60,10 @@ class Stats:
         """Names of the tensor fields (the per-token means), in declaration order."""
         return [f.name for f in dataclasses.fields(cls) if f.name not in ("n_tokens", "meta")]
 
+    def to(self, device) -> "Stats":
+        """The same statistics on `device` (dtypes kept), every tensor field."""
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensor fields that are present."""
         return {k: getattr(self, k) for k in self.tensor_fields() if getattr(self, k) is not None}

@@ -47,7 +47,7 @@ def drift_target(W: torch.Tensor, stats, l: int, damping: float, center: bool = 
     if center:
         mu, mu_ref = stats.x_mean[l].double(), stats.x_mean_ref[l].double()
         C, X = C - torch.outer(mu, mu), X - torch.outer(mu, mu_ref)
-    Cd = C + damping * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+    Cd = C + damping * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
     return W + torch.linalg.solve(Cd, (W @ (X.T - C)).T).T
 
 

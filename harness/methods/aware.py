@@ -93,8 +93,8 @@ def _energy(S: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> float:
     return float((M if G is None else M @ G).pow(2).sum())
 
 
-def _eye_if_none(G: torch.Tensor | None, n: int) -> torch.Tensor:
-    return torch.eye(n, dtype=torch.float64) if G is None else G
+def _eye_if_none(G: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(n, dtype=torch.float64, device=like.device) if G is None else G
 
 
 def _block_scales(S, Wk, Wv, GK, GV, kv_balance: str, kv_scale: float) -> tuple[float, float]:
@@ -172,8 +172,8 @@ def aware_joint(layers, stats, budget, *, allocation: str = "uniform", power: fl
             GK, GKi, GV, GVi = layer_metrics(a, stats, key_metric, value_metric)
             bk, bv = _block_scales(S, Wk, Wv, GK, GV, kv_balance, kv_scale)
             nk, nv = Wk.shape[0], Wv.shape[0]
-            G = torch.block_diag(bk * _eye_if_none(GK, nk), bv * _eye_if_none(GV, nv))
-            G_inv = torch.block_diag(_eye_if_none(GKi, nk) / bk, _eye_if_none(GVi, nv) / bv)
+            G = torch.block_diag(bk * _eye_if_none(GK, nk, S), bv * _eye_if_none(GV, nv, S))
+            G_inv = torch.block_diag(_eye_if_none(GKi, nk, S) / bk, _eye_if_none(GVi, nv, S) / bv)
         prep.append((S, S_inv, torch.cat([Wk, Wv], 0), G, G_inv))
 
     def spectra():
