@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from harness.errors import HarnessError
@@ -67,6 +68,15 @@ def attention_layers(model) -> list[AttnLayer]:
             sliding_window=getattr(attn, "sliding_window", None),
         ))
     return out
+
+
+def lm_logits(model, hidden):
+    """Logits from the last decoder layer's output: final norm, LM head, and Gemma's soft-capping."""
+    logits = model.lm_head(model.model.norm(hidden))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def weights_fingerprint(model) -> str:

@@ -213,7 +213,10 @@ def _methods(raw, probs) -> list[MethodConfig]:
         problems = METHODS[mc.name].option_problems(opts)
         probs.extend(("methods", i, "options"), problems)
         if not problems:  # numbers YAML read as strings are stored as numbers (stable job ids)
-            opts = {k: v for k, v in METHODS[mc.name].check_options(opts).items() if k in opts}
+            try:  # and the method's own checks of the whole (its validate hook)
+                opts = {k: v for k, v in METHODS[mc.name].check_options(opts).items() if k in opts}
+            except HarnessError as e:
+                probs.add(("methods", i, "options"), str(e))
         out.append(replace(mc, options=opts))
     return out
 

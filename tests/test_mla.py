@@ -11,6 +11,8 @@ from tiny import ARCHS, tiny_model, tiny_stats
 
 FULL = 64  # parity rank per K and V: n_kv * d_h = 2 * 32
 METHODS = [("svd", {}), ("care", {"allocation": "uniform"}), ("care", {"allocation": "waterfill"}),
+           ("aware_joint", {}), ("aware_joint", {"center": True}), ("aware_split", {"center": True}),
+           ("aware_split", {"kv_split": "metric"}),
            ("care_joint", {}), ("asvd", {}), ("svdllm", {}), ("mha2mla", {"rope_pairs": 16}),
            ("mha2mla", {"rope_pairs": 16, "lowrank": "split"}), ("care_mla", {"rope_pairs": 16}),
            ("care_mla", {"rope_pairs": 16, "allocation": "waterfill"})]

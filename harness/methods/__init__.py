@@ -25,6 +25,7 @@ class Method:
     fn: Callable
     needs_stats: bool | Callable[[dict], bool]  # or a function of the resolved options
     doc: str
+    validate: Callable[[dict], None] | None = None  # value checks of the resolved options (HarnessError)
 
     def requires_stats(self, opts: dict) -> bool:
         """Whether calibration statistics are needed with these (resolved) options."""
@@ -40,17 +41,22 @@ class Method:
         return option_problems(self.fn, opts, f"method '{self.name}'")
 
     def check_options(self, opts: dict) -> dict:
-        """`opts` with defaults filled in and values converted; one HarnessError naming every problem."""
-        return resolve_options(self.fn, opts, f"method '{self.name}'")
+        """`opts` with defaults filled in and values converted; one HarnessError naming every problem
+        (types, ranges and choices from the signature, then the method's own `validate` of the whole)."""
+        resolved = resolve_options(self.fn, opts, f"method '{self.name}'")
+        if self.validate is not None:
+            self.validate(resolved)
+        return resolved
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, needs_stats: bool | Callable[[dict], bool] = True):
+def register(name: str, needs_stats: bool | Callable[[dict], bool] = True,
+             validate: Callable[[dict], None] | None = None):
     def deco(fn):
         doc = (inspect.getdoc(fn) or "").split("\n")[0]
-        METHODS[name] = Method(name=name, fn=fn, needs_stats=needs_stats, doc=doc)
+        METHODS[name] = Method(name=name, fn=fn, needs_stats=needs_stats, doc=doc, validate=validate)
         return fn
     return deco
 
@@ -114,17 +120,25 @@ def calibrate_and_convert(model, tokenizer, method: str, budget, calib, *, path:
 
     Args:
         calib: a `harness.calibrate.CalibSpec` (used only when the method needs statistics).
+    Options that need the model itself (`tune`, `allocation: sensitivity`, `sequential`; see
+    harness/methods/_oneshot.py) are carried out here, before the conversion, and what they chose
+    is recorded (entries "tuned", "sensitivity", "sequential").
     Returns:
         the conversion record; its "calibration" entry holds the statistics' meta when they were used.
     """
     from harness.calibrate import get_stats
     from harness.data import adds_bos
+    from harness.methods._oneshot import refine
 
     m = get_method(method)
     opts = m.check_options(options)
     stats = get_stats(model, tokenizer, calib, progress=progress) if m.requires_stats(opts) else None
+    extra = {}
+    if stats is not None:
+        stats, opts, extra = refine(model, tokenizer, m, budget, calib, stats, opts, progress=progress)
     record = convert(model, method, budget, stats, path=path, **opts)
     record["bos"] = adds_bos(tokenizer)  # calibration windows (and every scored window) start with BOS
+    record.update(extra)
     if stats is not None:
         record["calibration"] = stats.meta
     return record
@@ -132,5 +146,5 @@ def calibrate_and_convert(model, tokenizer, method: str, budget, calib, *, path:
 
 import torch  # noqa: E402
 
-from harness.methods import svd, care, care_joint, mha2mla, asvd, svdllm  # noqa: E402,F401  (fill the registry)
+from harness.methods import svd, care, care_joint, mha2mla, asvd, svdllm, aware  # noqa: E402,F401  (fill the registry)
 from harness.methods import care_mla  # noqa: E402,F401

@@ -9,21 +9,65 @@ import torch
 from harness.errors import HarnessError
 
 
-def whitened_factor(W: torch.Tensor, r: int, S: torch.Tensor | None = None, S_inv: torch.Tensor | None = None):
-    """Best rank-r factorization of W (out, D) in the metric ||S (W^T - What^T)||_F.
+def whitened_factor(W: torch.Tensor, r: int, S: torch.Tensor | None = None, S_inv: torch.Tensor | None = None,
+                    G: torch.Tensor | None = None, G_inv: torch.Tensor | None = None):
+    """Best rank-r factorization of W (out, D) in the metric ||S (W^T - What^T) G||_F.
 
     With S^T S = C (the input covariance) this minimises the output error on the calibration
-    activations; S = None is the plain weight SVD.
+    activations; S = None is the plain weight SVD. G (out, out), symmetric, weighs the output
+    dims (the attention-aware metric of DESIGN §13); None is the identity. SVD S W^T G = U Sigma V^T,
+    What^T = S^-1 U_r Sigma_r V_r^T G^-1.
     Returns:
-        down (r, D), up (out, r), sigma (all singular values of S W^T), all float64.
+        down (r, D), up (out, r), sigma (all singular values of S W^T G), all float64.
     """
     W = W.double()
     M = W.T if S is None else S @ W.T  # (D, out)
+    if G is not None:
+        M = M @ G
     U, sig, Vh = torch.linalg.svd(M, full_matrices=False)
     Ur = U[:, :r] * sig[:r]  # (D, r)
     down = (Ur if S_inv is None else S_inv @ Ur).T  # (r, D)
     up = Vh[:r].T  # (out, r)
+    if G_inv is not None:
+        up = G_inv @ up
     return down, up, sig
+
+
+def drift_target(W: torch.Tensor, stats, l: int, damping: float, center: bool = False) -> torch.Tensor:
+    """The weight to approximate in layer l: W itself, or, with sequential statistics that carry
+    cross_cov = E[x~ x^T] (x~ the drifted input, x the original's), the ridge fit toward W of the
+    original outputs W x from x~: W* = W + W (E[x x~^T] - C~)(C~ + a I)^-1, which is W when x~ = x.
+    Minimising ||S (W*^T - What^T) G|| then minimises E||G (What x~ - W x)||^2 (up to a constant).
+    With center, the second moments are centred (the means are matched by `mean_bias`)."""
+    W = W.double()
+    cross = getattr(stats, "cross_cov", None)
+    if cross is None:
+        return W
+    C, X = stats.cov[l].double(), cross[l].double()
+    if center:
+        mu, mu_ref = stats.x_mean[l].double(), stats.x_mean_ref[l].double()
+        C, X = C - torch.outer(mu, mu), X - torch.outer(mu, mu_ref)
+    Cd = C + damping * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    return W + torch.linalg.solve(Cd, (W @ (X.T - C)).T).T
+
+
+def mean_bias(W: torch.Tensor, down: torch.Tensor, up: torch.Tensor, stats, l: int,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """The bias that matches the mean output: b + W mu_ref - up down mu (mu the mean input the
+    factors see, mu_ref the original's, equal except in sequential statistics)."""
+    mu = stats.x_mean[l].double()
+    ref = getattr(stats, "x_mean_ref", None)
+    mu_ref = mu if ref is None else ref[l].double()
+    b = W.double() @ mu_ref - up @ (down @ mu)
+    return b if bias is None else bias + b
+
+
+def sqrtm_psd(A: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """A^(1/2) and A^(-1/2) of a symmetric PSD matrix (eigenvalues floored at floor*max)."""
+    A = A.double()
+    lam, Q = torch.linalg.eigh((A + A.T) / 2)
+    lam = lam.clamp_min(floor * float(lam.max().clamp_min(1e-300)))
+    return (Q * lam.sqrt()) @ Q.T, (Q * lam.rsqrt()) @ Q.T
 
 
 def kv_biases(a) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from harness.errors import HarnessError
 from harness.methods import register
+from harness.methods._linalg import cov_power, drift_target, kv_biases, spectrum, waterfill, whitened_factor
+from harness.mla.factors import split_factors
 from harness.options import Annotated, Literal, Range
-from harness.methods._linalg import cov_power, factor_split, spectrum, waterfill
 from harness.mla.accounting import parity_rank, per_layer_width
 
 
@@ -26,22 +27,50 @@ def allocate(spectra, r: int, cap: int, allocation: str, min_frac: float = 0.5, 
     return waterfill(spectra, r * L, r_min, r_max)
 
 
-@register("care")
+def explicit_pairs(widths, L: int) -> tuple[list[int], list[int]]:
+    """(r_k per layer, r_v per layer) from a `widths` option: [r_k, r_v] pairs or totals split in half."""
+    if len(widths) != L:
+        raise HarnessError(f"option widths has {len(widths)} entries for {L} layers")
+    rk = [int(w[0]) if isinstance(w, (list, tuple)) else int(w) // 2 for w in widths]
+    rv = [int(w[1]) if isinstance(w, (list, tuple)) else int(w) - int(w) // 2 for w in widths]
+    return rk, rv
+
+
+def _care_check(opts):
+    from harness.methods._oneshot import check_shared_options
+
+    if opts["allocation"] not in ("uniform", "waterfill"):
+        raise HarnessError(f"unknown allocation '{opts['allocation']}'; use uniform or waterfill")
+    check_shared_options(opts)
+
+
+@register("care", validate=_care_check)
 def care(layers, stats, budget, *, allocation: Literal["uniform", "waterfill"] = "waterfill",
-         power: Annotated[float, Range(min=0)] = 0.5, damping: Annotated[float, Range(min=0)] = 0.01):
+         power: Annotated[float, Range(min=0)] = 0.5, damping: Annotated[float, Range(min=0)] = 0.01,
+         widths: list | None = None, sequential: bool = False):
     """Covariance-aware (sqrt C) SVD of W_k and W_v, uniform or water-filled ranks."""
-    ks, vs, sks, svs = [], [], [], []
+    if sequential and not (stats.meta or {}).get("sequential"):
+        raise HarnessError("sequential: true needs sequential statistics: convert through calibrate_and_convert")
+    ks, sks, svs = [], [], []
     for a in layers:
         S, S_inv = cov_power(stats.cov[a.index], power, damping)
-        ks.append((S, S_inv))
-        sks.append(spectrum(a.module.k_proj.weight, S))
-        svs.append(spectrum(a.module.v_proj.weight, S))
+        Wk = drift_target(a.module.k_proj.weight, stats, a.index, damping)
+        Wv = drift_target(a.module.v_proj.weight, stats, a.index, damping)
+        ks.append((S, S_inv, Wk, Wv))
+        if widths is None:
+            sks.append(spectrum(Wk, S))
+            svs.append(spectrum(Wv, S))
     a0 = layers[0]
     w = per_layer_width(budget, a0.n_kv, a0.d_h)
     cap = parity_rank(a0.n_kv, a0.d_h)
-    rk = allocate(sks, w // 2, cap, allocation)
-    rv = allocate(svs, w - w // 2, cap, allocation)
+    if widths is not None:
+        rk, rv = explicit_pairs(widths, len(layers))
+    else:
+        rk = allocate(sks, w // 2, cap, allocation)
+        rv = allocate(svs, w - w // 2, cap, allocation)
     out = []
-    for a, (S, S_inv), r_k, r_v in zip(layers, ks, rk, rv):
-        out.append(factor_split(a, r_k, r_v, S, S_inv))
+    for a, (S, S_inv, Wk, Wv), r_k, r_v in zip(layers, ks, rk, rv):
+        dk, uk, _ = whitened_factor(Wk, r_k, S, S_inv)
+        dv, uv, _ = whitened_factor(Wv, r_v, S, S_inv)
+        out.append(split_factors(dk, uk, dv, uv, a.n_kv, a.d_h, *kv_biases(a)))
     return out

@@ -42,6 +42,16 @@ def empty_factors(rec: dict, D: int, n_kv: int, d_h: int) -> LayerFactors:
     )
 
 
+def build_attention(model, info, f: LayerFactors, path: str = "reconstruct") -> MLAAttention:
+    """The MLA module of one layer (`info`: its AttnLayer, original module) bound to the model's RoPE."""
+    rotary = model.model.rotary_emb
+    layer_types = getattr(model.config, "layer_types", None)
+    needs_type = "layer_type" in inspect.signature(rotary.forward).parameters  # Gemma3: local/global RoPE
+    m = MLAAttention(info.module, f, n_h=info.n_h, n_kv=info.n_kv, d_h=info.d_h, path=path)
+    m.bind_rotary(rotary, layer_types[info.index] if (needs_type and layer_types) else None)
+    return m
+
+
 def apply_conversion(model, factors: list[LayerFactors], record: dict | None = None, path: str = "reconstruct"):
     """Replace every layer's attention by an `MLAAttention` holding `factors[l]` (in place).
 
@@ -56,14 +66,9 @@ def apply_conversion(model, factors: list[LayerFactors], record: dict | None = N
     """
     layers = attention_layers(model)
     assert len(factors) == len(layers), f"{len(factors)} factors for {len(layers)} layers"
-    rotary = model.model.rotary_emb
-    layer_types = getattr(model.config, "layer_types", None)
-    needs_type = "layer_type" in inspect.signature(rotary.forward).parameters  # Gemma3: local/global RoPE
     # Build every module first: a path that does not apply fails before any layer is swapped.
-    mods = [MLAAttention(info.module, f, n_h=info.n_h, n_kv=info.n_kv, d_h=info.d_h, path=path)
-            for info, f in zip(layers, factors)]
-    for info, m, dec in zip(layers, mods, decoder_layers(model)):
-        m.bind_rotary(rotary, layer_types[info.index] if (needs_type and layer_types) else None)
+    mods = [build_attention(model, info, f, path) for info, f in zip(layers, factors)]
+    for m, dec in zip(mods, decoder_layers(model)):
         dec.self_attn = m
     rec = dict(record or {})
     rec["layers"] = [layer_record(f) for f in factors]
