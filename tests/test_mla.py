@@ -214,3 +214,16 @@ def test_static_cache_decoding_holds_accounted_bytes_on_both_paths():
         dec, _ = _decode(m, x, cache)
         assert (dec - pre).abs().max() <= 1e-4, path
         assert cache_bytes(cache) == accounted_width(m) * 16 * 2 * 4
+
+
+def test_partial_rope_masks_follow_the_module_to_another_device():
+    """A model converted in one place and moved (.to) must carry its RoPE masks along (seen on CUDA:
+    plain attributes stayed on the CPU). Checked with a dtype move, which touches the same buffers."""
+    m = tiny_model("llama")
+    convert(m, "mha2mla", Budget(kv_save=0.5), tiny_stats(m))
+    attn = m.model.layers[0].self_attn
+    names = {n for n, _ in attn.named_buffers()}
+    assert {"_k_mask", "_q_mask"} <= names and "_k_mask" not in attn.state_dict()
+    m.to(torch.float64)
+    x = torch.randint(0, 128, (1, 5))
+    assert torch.isfinite(m(x).logits).all()

@@ -109,8 +109,12 @@ class MLAAttention(nn.Module):
         if self.rope_on_latent:
             k_mask[:] = True
         # None means "RoPE everywhere" (skip the where()).
-        self._k_mask = None if bool(k_mask.all()) else k_mask
-        self._q_mask = None if self._k_mask is None else k_mask.repeat_interleave(self.num_key_value_groups, 0)
+        # Buffers (not saved): they follow the module to another device, as a model converted on the CPU
+        # and moved to a GPU needs.
+        partial = not bool(k_mask.all())
+        self.register_buffer("_k_mask", k_mask if partial else None, persistent=False)
+        self.register_buffer("_q_mask", k_mask.repeat_interleave(self.num_key_value_groups, 0) if partial else None,
+                             persistent=False)
         self.path = path
         self.check_path(path)
 
