@@ -6,11 +6,17 @@ One pass over calibration windows collects, per layer l:
     q_pair_norm[l]  (n_h, d_h/2)     mean over tokens of the L2 norm of each pre-RoPE q pair (MHA2MLA)
     k_pair_norm[l]  (n_kv, d_h/2)    same for k
 The result is cached under $MLA_HARNESS_CACHE/stats keyed by (model weights fingerprint, corpus,
-n, seq_len, seed), so every method and budget of a sweep reuses one pass; a file lock makes
-concurrent jobs of one (model, corpus) compute it once.
+n, seq_len, seed; and a hash of the text for a user corpus, so an edited file is recomputed), so
+every method and budget of a sweep reuses one pass; a file lock makes concurrent jobs of one
+(model, corpus) compute it once.
+
+Every tensor field of `Stats` is a per-token mean, so the statistics of a mixture of corpora are
+the token-weighted sum of its parts' (`combine_stats`, DESIGN §8): a mixture (`mix:wiki=1,code=1`)
+takes each part's cached statistics and needs no forward pass of its own.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -106,7 +112,9 @@ def collect_stats(model, windows: torch.Tensor, batch_size: int = 8, progress: b
 
         batches = list(windows.split(batch_size))
         for b in tqdm(batches, desc="calibration statistics", disable=not progress, unit="batch"):
-            model(input_ids=b.to(device), use_cache=False)
+            # the decoder stack alone: the hooks see the same inputs, and the LM head (a fifth of
+            # SmolLM2's FLOPs, an (n, seq_len, vocab) logits tensor) is not needed
+            model.model(input_ids=b.to(device), use_cache=False)
             n_tok += b.numel()
     finally:
         for h in handles:
@@ -123,6 +131,11 @@ def stats_key(model, spec: CalibSpec, bos: bool = False) -> str:
              "dtype": str(next(model.parameters()).dtype)}
     if bos:  # windows start with BOS (keys of BOS-less tokenizers are what they always were)
         ident["bos"] = True
+    from harness.data import corpus_fingerprint
+
+    content = corpus_fingerprint(spec.corpus)
+    if content is not None:  # a user corpus: its text, not only its name (registered keys unchanged)
+        ident["content"] = content
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -134,8 +147,10 @@ def get_stats(model, tokenizer, spec: CalibSpec, *, cache: bool = True, progress
     """
     from filelock import FileLock
 
-    from harness.data import adds_bos, token_windows
+    from harness.data import adds_bos, is_mixture, token_windows
 
+    if is_mixture(spec.corpus):
+        return mixture_stats(model, tokenizer, spec, cache=cache, progress=progress)
     bos = adds_bos(tokenizer)
     key = stats_key(model, spec, bos)
     folder = cache_root() / "stats"
@@ -161,3 +176,62 @@ def get_stats(model, tokenizer, spec: CalibSpec, *, cache: bool = True, progress
                         "k_pair_norm": st.k_pair_norm, "n_tokens": st.n_tokens, "seconds": secs}, tmp)
             os.replace(tmp, path)
         return st
+
+
+# ------------------------------------------------------------------------------------- mixtures
+def combine_stats(parts: list[Stats], weights: list[float] | None = None) -> Stats:
+    """Sum_i w_i S_i of statistics, field by field: every tensor field of `Stats` is a per-token
+    mean, so with w_i the token shares (the default) this is exactly the statistics of all the
+    parts' tokens together (DESIGN §8: C_mix = sum_i w_i C_i; same for |x| means and pair norms).
+
+    Tensors are summed and returned in float64 (exact to rounding); n_tokens add up; any other
+    field must agree across the parts.
+    """
+    if not parts:
+        raise HarnessError("combine_stats needs at least one part")
+    if weights is None:
+        total = sum(p.n_tokens for p in parts)
+        weights = [p.n_tokens / total for p in parts]
+    assert len(weights) == len(parts), f"{len(weights)} weights for {len(parts)} parts"
+    out = {}
+    for f in dataclasses.fields(Stats):
+        values = [getattr(p, f.name) for p in parts]
+        if f.name == "meta":
+            out[f.name] = {}
+        elif f.name == "n_tokens":
+            out[f.name] = sum(values)
+        elif all(isinstance(v, torch.Tensor) for v in values):
+            acc = torch.zeros_like(values[0], dtype=torch.float64)
+            for w, v in zip(weights, values):
+                acc += w * v.double()
+            out[f.name] = acc
+        elif all(v == values[0] for v in values[1:]):
+            out[f.name] = values[0]
+        else:
+            raise HarnessError(f"statistics to mix differ in their field {f.name!r}: {values!r}")
+    st = Stats(**out)
+    st.check()
+    return st
+
+
+def mixture_stats(model, tokenizer, spec: CalibSpec, *, cache: bool = True, progress: bool = True) -> Stats:
+    """Statistics of a mixture `spec.corpus` (mix:a=w_a,...): each part's own statistics on its share
+    of the windows (`harness.data.mixture_counts`, the same seed), loaded from the cache or computed
+    and cached per part, summed with the token shares. No forward pass when every part is cached.
+
+    Returns:
+        Stats, with meta {key, corpus, samples, seq_len, seed, bos, seconds, cached, parts}.
+    """
+    from harness.data import mixture_counts
+
+    parts = [get_stats(model, tokenizer, dataclasses.replace(spec, corpus=corpus, samples=n), cache=cache,
+                       progress=progress) for corpus, n in mixture_counts(spec.corpus, spec.samples)]
+    st = combine_stats(parts)
+    total = sum(p.n_tokens for p in parts)
+    keys = [p.meta["key"] for p in parts]
+    st.meta = {"key": hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:20], "corpus": spec.corpus,
+               "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed, "bos": parts[0].meta.get("bos"),
+               "seconds": sum(p.meta["seconds"] for p in parts), "cached": all(p.meta["cached"] for p in parts),
+               "parts": [{"corpus": p.meta["corpus"], "samples": p.meta["samples"], "key": p.meta["key"],
+                          "token_share": p.n_tokens / total, "cached": p.meta["cached"]} for p in parts]}
+    return st
