@@ -137,14 +137,15 @@ def check_heal(h: HealConfig) -> list[tuple[str, str]]:
                                + ("a list of " + ", ".join(known) if h.mode == "lora" else "all or attention")))
     elif h.mode == "full" and len(targets) != 1:
         out.append(("targets", f"{targets!r}: full fine-tuning takes one of all, attention"))
-    from harness.data import CORPORA
+    from harness.data import check_corpus
 
     corpora = _names(h.corpora)
     if not corpora:
         out.append(("corpora", "give at least one training corpus (e.g. [wiki])"))
     for c in corpora:
-        if c not in CORPORA:
-            out.append(("corpora", f"unknown corpus {c!r}; known: {', '.join(sorted(CORPORA))}"))
+        problem = check_corpus(c)
+        if problem:
+            out.append(("corpora", problem))
     marks = list(h.eval_every_tokens) if isinstance(h.eval_every_tokens, (list, tuple)) else [h.eval_every_tokens]
     if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in marks):
         out.append(("eval_every_tokens", f"{marks!r} must be a list of token counts >= 0"))
@@ -174,6 +175,10 @@ def heal_config(raw: dict | None = None, **overrides) -> HealConfig:
             d[k] = (d[k],)
         elif isinstance(d.get(k), list):
             d[k] = tuple(d[k])
+    if isinstance(d.get("corpora"), dict):  # one {mix: ...} or {path: ...} corpus
+        d["corpora"] = (d["corpora"],)
+    if isinstance(d.get("corpora"), tuple):  # canonical names (mixtures, paths with a field)
+        d["corpora"] = tuple(_corpus_name_or_text(c) for c in d["corpora"])
     h = HealConfig(**d)
     if h.mode == "none":  # every "none" is the same job, whatever else it says
         return HealConfig()
@@ -349,7 +354,7 @@ def parse_executor(value, probs: _Problems) -> tuple[str, dict]:
 
 
 TOP_KEYS = ("name", "models", "calibration", "budgets", "methods", "baseline", "heal", "eval",
-            "executor", "wandb", "device", "dtype")
+            "executor", "wandb", "device", "dtype", "blocks")
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
@@ -371,6 +376,8 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None) -> Swee
     from harness.methods import METHODS
     from harness.models import EMBEDDED
 
+    if isinstance(raw, dict) and "blocks" in raw:
+        return _parse_blocks(raw, source, lines or {})
     probs = _Problems(source, lines or {})
     if not isinstance(raw, dict):
         raise HarnessError(f"{source}: a sweep file is a mapping with keys {', '.join(TOP_KEYS)}")
@@ -389,7 +396,8 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None) -> Swee
         elif m not in EMBEDDED and not (Path(m).expanduser().exists() or m.count("/") == 1):
             probs.add(("models", i), f"'{m}' is not an embedded model ({', '.join(EMBEDDED)}), a path or a hub id")
 
-    calibs = [_typed(CalibConfig, c, ("calibration", i), probs) for i, c in enumerate(raw.get("calibration") or [{}])]
+    calibs = [_typed(CalibConfig, _named_corpus(c, "corpus", ("calibration", i), probs), ("calibration", i), probs)
+              for i, c in enumerate(raw.get("calibration") or [{}])]
     budgets = []
     for i, b in enumerate(raw.get("budgets") or []):
         bc = _typed(BudgetConfig, b, ("budgets", i), probs)
@@ -441,25 +449,26 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None) -> Swee
             probs.add(("heal", i, key), msg)
         heal_cfgs.append(hc)
     ev = raw.get("eval") or {}
-    ppl = _typed(PplConfig, ev.get("ppl") if isinstance(ev, dict) else None, ("eval", "ppl"), probs)
+    ppl = _typed(PplConfig, _named_corpus(ev.get("ppl") if isinstance(ev, dict) else None, "domains", ("eval", "ppl"),
+                                          probs), ("eval", "ppl"), probs)
     if isinstance(ev, dict):
         ev_rest = {k: v for k, v in ev.items() if k != "ppl"}
         evc = _typed(EvalConfig, ev_rest, ("eval",), probs)
     else:
         probs.add(("eval",), "expected a mapping")
         evc = None
-    if ppl is not None:
-        from harness.data import CORPORA
+    from harness.data import check_corpus
 
+    if ppl is not None:
         for j, d in enumerate(ppl.domains):
-            if d not in CORPORA:
-                probs.add(("eval", "ppl", "domains", j), f"unknown corpus {d!r}; known: {', '.join(sorted(CORPORA))}")
+            problem = check_corpus(d)
+            if problem:
+                probs.add(("eval", "ppl", "domains", j), problem)
     for i, c in enumerate(calibs):
         if c is not None:
-            from harness.data import CORPORA
-
-            if c.corpus not in CORPORA:
-                probs.add(("calibration", i, "corpus"), f"unknown corpus {c.corpus!r}; known: {', '.join(sorted(CORPORA))}")
+            problem = check_corpus(c.corpus)
+            if problem:
+                probs.add(("calibration", i, "corpus"), problem)
     executor, executor_options = parse_executor(raw.get("executor", "serial"), probs)
     probs.raise_if_any()
 
@@ -480,3 +489,71 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None) -> Swee
                                               device=dev, dtype=dt))
     return SweepConfig(name=name, jobs=jobs, executor=executor, wandb=bool(raw.get("wandb", True)), source=source,
                        executor_options=executor_options)
+
+
+# ------------------------------------------- corpora given as mappings; sweep blocks (issue #11)
+def _corpus_name_or_text(value) -> str:
+    """The canonical corpus name (harness.data.corpus_name), or the value as text for check_corpus to reject."""
+    from harness.data import corpus_name
+
+    try:
+        return corpus_name(value)
+    except HarnessError:
+        return str(value)
+
+
+def _named_corpus(entry, key: str, path: tuple, probs: _Problems):
+    """`entry` with its corpus (key corpus) or corpora (key domains) as canonical names:
+    `{mix: {wiki: 1, code: 1}}` -> 'mix:code=1,wiki=1', `{path: f, field: x}` -> 'f#x'."""
+    from harness.data import corpus_name
+
+    if not isinstance(entry, dict) or key not in entry:
+        return entry
+    values = entry[key]
+    many = isinstance(values, (list, tuple))
+    names = []
+    for j, v in enumerate(values if many else [values]):
+        try:
+            names.append(corpus_name(v))
+        except HarnessError as e:
+            probs.add(path + (key,) + ((j,) if many else ()), str(e))
+            names.append("wiki")  # a placeholder: the problem above stops the sweep before any job
+    return {**entry, key: names if many else names[0]}
+
+
+BLOCK_KEYS = ("models", "calibration", "budgets", "methods", "baseline", "heal", "eval", "device", "dtype")
+
+
+def _parse_blocks(raw: dict, source: str, lines: dict) -> SweepConfig:
+    """A sweep of several blocks: `blocks:` lists partial sweeps; each block's keys replace the
+    file's shared ones (name, models, eval, executor, ...). The jobs are the union of the blocks'
+    grids; a job two blocks share runs once (one job id)."""
+    blocks = raw["blocks"]
+    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, dict) for b in blocks):
+        where = f"{source}:{lines[('blocks',)]}" if ("blocks",) in lines else source
+        raise HarnessError(f"{where}: blocks: give a list of mappings with keys {', '.join(BLOCK_KEYS)}")
+    shared = {k: v for k, v in raw.items() if k != "blocks"}
+    errors: list[str] = []
+    jobs: dict[str, JobConfig] = {}
+    sweep = None
+    for i, block in enumerate(blocks):
+        bad = [k for k in block if k not in BLOCK_KEYS]
+        if bad:
+            line = lines.get(("blocks", i, bad[0]))
+            errors.append(f"{source}{f':{line}' if line else ''}: blocks.{i}.{bad[0]}: not a block key; "
+                          f"a block has {', '.join(BLOCK_KEYS)}")
+            continue
+        block_lines = {**lines, **{p[2:]: n for p, n in lines.items() if p[:2] == ("blocks", i) and len(p) > 2}}
+        try:
+            sweep = parse_sweep({**shared, **block}, source, block_lines)
+        except HarnessError as e:
+            errors.extend(f"block {i}: {line.strip()}" for line in str(e).splitlines() if "problem(s) in" not in line)
+            continue
+        for job in sweep.jobs:
+            jobs.setdefault(job.job_id, job)
+    if errors:
+        errors = list(dict.fromkeys(errors))
+        head = f"{len(errors)} problem(s) in {source}:\n  " if len(errors) > 1 else ""
+        raise HarnessError(head + "\n  ".join(errors))
+    sweep.jobs = list(jobs.values())
+    return sweep
