@@ -77,6 +77,7 @@ def leaderboard_frame(df: pd.DataFrame, all_columns: bool = False) -> pd.DataFra
     df["budget"] = df.apply(_budget_label, axis=1)
     for c in ("calib", "heal"):
         df[c] = df[c].fillna("-") if c in df else "-"
+    df["calib"] = calib_label(df)
     shown = task_columns(df)
     if shown:
         df["acc_mean"] = df.apply(_mean_acc, axis=1, shown=shown)
@@ -93,6 +94,17 @@ def leaderboard_frame(df: pd.DataFrame, all_columns: bool = False) -> pd.DataFra
     if all_columns:
         cols += [c for c in df.columns if c not in cols]
     return df[cols].reset_index(drop=True)
+
+
+def calib_label(df: pd.DataFrame) -> pd.Series:
+    """The calibration corpus, with its window count and seed where the rows vary them (a
+    sample-size study): without them such rows would collapse into one."""
+    out = df["calib"].astype(str)
+    conv = df["method"] != "baseline"
+    for col, name in (("calib_samples", "n"), ("calib_seed", "seed")):
+        if col in df and df.loc[conv, col].nunique() > 1:
+            out = out.where(df[col].isna(), out + f" {name}=" + df[col].map(lambda v: f"{v:g}" if pd.notna(v) else ""))
+    return out
 
 
 def _fmt(col: str, v) -> str:
@@ -154,6 +166,7 @@ def make_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     ok["budget"] = ok.apply(_budget_label, axis=1)
     for c in ("calib", "heal"):
         ok[c] = ok[c].fillna("-") if c in ok else "-"
+    ok["calib"] = calib_label(ok)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     ppl_cols = sorted(c for c in ok.columns if c.startswith("ppl_"))

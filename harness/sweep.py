@@ -175,6 +175,11 @@ def make_row(job: JobConfig, sweep_name: str, ppl: dict, acc: dict, conversion: 
     else:
         row["ranks"] = "full"
         row["ranks_per_layer"] = None
+    # calibration-robustness report (harness.reports.robustness): the seed, mha2mla's kept RoPE pairs
+    row["calib_seed"] = None if job.calib is None else job.calib.seed
+    if conversion is not None and any(l.get("k_rope_out") for l in conversion["layers"]):
+        row["rope_pairs_per_layer"] = json.dumps([[dims[: len(dims) // 2] for dims in l["rope_dims"]]
+                                                  for l in conversion["layers"]])  # (L, n_kv, p)
     for d, r in ppl.items():
         row[f"ppl_{d}"] = r["ppl"]
     row["tasks"] = ",".join(job.eval.tasks) or None  # the requested lm-eval tasks (the leaderboard's mean)
