@@ -37,6 +37,18 @@ def _parse_options(items: list[str] | None) -> dict:
     return out
 
 
+def _corpora(text: str) -> list[str]:
+    """Corpus names from a flag ('wiki,data/x.txt,mix:wiki=1,code=1'), each checked (HarnessError)."""
+    from harness.data import check_corpus, split_corpus_list
+
+    names = split_corpus_list(text)
+    for name in names:
+        problem = check_corpus(name)
+        if problem:
+            raise HarnessError(problem)
+    return names
+
+
 # ----------------------------------------------------------------------------------- commands
 def cmd_sweep(a) -> int:
     """Run a sweep file (finished jobs are skipped) and print its table."""
@@ -76,6 +88,7 @@ def cmd_convert(a) -> int:
     from harness.models import load_model
 
     opts = get_method(a.method).check_options(_parse_options(a.option))  # bad options fail before loading
+    a.calib = _corpora(a.calib)[0]  # a bad corpus fails before loading
     budget = Budget(kv_save=a.kv_save, rank=a.rank)
     model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
     rec = calibrate_and_convert(model, tok, a.method, budget, CalibSpec(a.calib, a.calib_samples, a.calib_seq_len, a.seed),
@@ -93,10 +106,11 @@ def cmd_eval(a) -> int:
     from harness.evaluate import PplSpec, domain_perplexities, kv_accounting
     from harness.models import load_model
 
+    domains = _corpora(a.ppl) if a.ppl else []  # a bad corpus fails before loading
     model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
     out: dict = {"model": a.model, "kv": kv_accounting(model)}
     if a.ppl:
-        out["ppl"] = domain_perplexities(model, tok, a.ppl.split(","),
+        out["ppl"] = domain_perplexities(model, tok, domains,
                                          PplSpec(a.ppl_samples, a.ppl_seq_len, a.seed, a.batch_size))
         for d, r in out["ppl"].items():
             print(f"ppl {d:6s} {r['ppl']:10.3f}  ({r['tokens']} tokens)")
@@ -229,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-save", type=float, help="fraction of the KV cache to save, e.g. 0.5")
     g.add_argument("--rank", type=int, help="rank per K and per V (CARE notation)")
     s.add_argument("--option", action="append", help="method option key=value (repeatable)")
-    s.add_argument("--calib", default="wiki")
+    s.add_argument("--calib", default="wiki",
+                   help="calibration corpus: a name, a path (.txt/.jsonl/.parquet/folder), hf:..., or mix:wiki=1,code=1")
     s.add_argument("--calib-samples", type=int, default=64)
     s.add_argument("--calib-seq-len", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
@@ -238,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("eval")
     model_args(s)
-    s.add_argument("--ppl", default="", help="comma-separated corpora, e.g. wiki,code")
+    s.add_argument("--ppl", default="", help="comma-separated corpora, e.g. wiki,code,data/notes.txt")
     s.add_argument("--ppl-samples", type=int, default=32)
     s.add_argument("--ppl-seq-len", type=int, default=256)
     s.add_argument("--tasks", default="", help="lm-eval tasks/groups, e.g. arc_easy,piqa or mla_core")
