@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from harness import reports
 from harness.errors import HarnessError
 
 
@@ -211,6 +212,7 @@ COMMANDS = {
     "sweep": cmd_sweep, "convert": cmd_convert, "eval": cmd_eval, "inspect": cmd_inspect,
     "models": cmd_models, "corpora": cmd_corpora, "methods": cmd_methods,
     "leaderboard": cmd_leaderboard, "sync": cmd_sync, "heal": cmd_heal,
+    "report": reports.cmd_report,
 }
 
 
@@ -279,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib figures)")
     s = add("sync")
     s.add_argument("results_dir", help="uploads every offline W&B run below it")
+    reports.add_parser(sub)
     return p
 
 
