@@ -207,3 +207,33 @@ def test_mixture_statistics_reuse_the_parts_and_equal_their_weighted_sum(tmp_pat
     direct = calibrate.collect_stats(model, data.token_windows(tok, mix, "calib", 4, 16, 3), 2, progress=False)
     assert (mixed.cov - direct.cov).abs().max() < 1e-10
     assert torch.allclose(mixed.abs_mean.float(), direct.abs_mean, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ hub datasets
+def test_hub_corpus_reads_the_named_field(monkeypatch):
+    from datasets import Dataset
+
+    calls = []
+
+    def fake(dataset, config, split):  # the hub is not reachable here: the loader's contract only
+        calls.append((dataset, config, split))
+        return Dataset.from_dict({"body": DOCS, "n": list(range(len(DOCS)))})
+
+    monkeypatch.setattr(data, "_hf_dataset", fake)
+    name = "hf:someone/notes:en@validation#body"
+    docs = data.load_documents(name, "calib") + data.load_documents(name, "eval")
+    assert sorted(docs) == sorted(DOCS) and calls[0] == ("someone/notes", "en", "validation")
+    assert data._parse_hf("hf:ds") == ("ds", None, "train", "text")
+    assert data.check_corpus("hf:other") is None  # checking a hub name never loads it
+    with pytest.raises(HarnessError, match=r"no field 'text' \(has: body, n\)"):
+        data.load_documents("hf:other", "calib")
+
+
+def test_unreachable_hub_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data._hf_dataset.cache_clear()
+    with pytest.raises(HarnessError) as err:
+        data.load_documents("hf:no-such-user/no-such-dataset#text", "calib")
+    msg = str(err.value)
+    assert msg.startswith("corpus hf:no-such-user/no-such-dataset@train: could not load it (") and "\n" not in msg
+    assert "HF_DATASETS_OFFLINE" in msg
