@@ -25,7 +25,8 @@ def test_robustness_sweep_expands_its_blocks():
     curve = [j for j in jobs if not j.is_baseline and len(j.eval.ppl.domains) == 1]
     assert {(j.calib.corpus, j.eval.ppl.domains) for j in curve} == {("wiki", ("wiki",)), ("code", ("code",))}
     assert sorted({j.calib.samples for j in curve}) == [8, 32, 64, 128, 512]
-    assert len(curve) == 2 * 2 * (4 * 3 + 1)
+    assert len(curve) == 2 * 2 * (3 * 3 + 1 + 2)  # methods x corpora x (8/32/128 x 3 seeds, 512, 64 seeds 1-2)
+    assert not any(j.calib.samples == 64 and j.calib.seed == 0 for j in curve)  # that point is the main block's
     # the curve's eval windows are the main block's (same samples, seq_len, seed)
     assert {(j.eval.ppl.samples, j.eval.ppl.seq_len, j.eval.ppl.seed) for j in jobs} == {(8, 256, 1)}
 
