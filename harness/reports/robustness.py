@@ -68,8 +68,11 @@ def penalty_matrix(R: pd.DataFrame) -> pd.DataFrame:
 
 def worst(P: pd.DataFrame) -> pd.DataFrame:
     """Per calibration corpus: its worst-case penalty max_e P[c, e] and the domain where it falls."""
-    finite = P.dropna(axis=1, how="all")
-    return pd.DataFrame({"worst": finite.max(axis=1), "domain": finite.idxmax(axis=1)})
+    out = []
+    for _, row in P.iterrows():
+        row = row.dropna()
+        out.append((row.max(), row.idxmax()) if len(row) else (math.nan, ""))
+    return pd.DataFrame(out, index=P.index, columns=["worst", "domain"])
 
 
 def spearman_matrix(ranks: dict[str, list[int]]) -> pd.DataFrame:
@@ -322,12 +325,14 @@ def _noise_lines(se: pd.DataFrame, doms: list[str]) -> list[str]:
     if not len(se) or se["se"].isna().all():
         return ["Uncertainty: the runs' per-window NLLs are not available (runs/<job_id>/metrics.json), so no "
                 "standard errors are given.", ""]
-    per = se.groupby("domain")["se"].median().reindex(doms)
+    se = se.assign(setting=[f"{m} @ {kv:g}" for m, kv in zip(se["method"], se["kv_save"])])
+    table = se.groupby(["setting", "domain"], sort=False)["se"].median().unstack().reindex(columns=doms)
     return ["## Uncertainty", "",
-            "Standard error of log R from the per-window differences to the baseline on the same windows "
-            "(paired; ≈ the relative SE of R). Median over all cells of the matrices, per domain: "
-            + ", ".join(f"{d} {100 * v:.1f}%" for d, v in per.items() if pd.notna(v))
-            + f"; largest cell: {100 * se['se'].max():.1f}%. The spread over calibration seeds is in the last section.",
+            "Standard error of log R from the per-window differences to the baseline on the same windows (paired; "
+            "≈ the relative SE of R), median over the calibration corpora, in %. A penalty P[c,e] compares two "
+            "converted models on the same windows; its own paired SE is given where it decides the goal below. "
+            "The spread over calibration seeds is in the last section.", "",
+            markdown_table(table * 100, fmt=lambda v: "" if pd.isna(v) else f"{v:.1f}", index_name="method @ KV save"),
             ""]
 
 
