@@ -37,6 +37,9 @@ def _rows() -> list[dict]:
                 extra["rope_pairs_per_layer"] = json.dumps(PAIRS[calib])
             rows.append(_row(f"{method}-{calib[:3]}", method, calib,
                              ppl={d: r * BASE_PPL[d] for d, r in ratios.items()}, **extra))
+    # the mixture again at 5x the windows: a row of its own, "mix n=320"
+    rows.append(_row("care-e-mix320", "care-e", MIX, 320, ppl={"wiki": 1.21 * 10.0, "code": 1.12 * 4.0},
+                     ranks_per_layer=json.dumps([1, 2, 3, 4])))
     # sample-size study: care-e on wiki, eval on wiki only, 3 window counts x seeds
     for n, ratios in {8: [1.5, 1.7, 1.6], 32: [1.3, 1.32, 1.34], 512: [1.19]}.items():
         for seed, r in enumerate(ratios):
@@ -104,10 +107,12 @@ def test_report_builds_from_rows(results):
     assert text.count(f"Regenerate with: `mla-harness report robustness {results}`") >= 5
     # the mixture line: care-e worst P[mix, code] = 1.2/1.1 with its paired SE, best single = code (1.4/1.2)
     se = paired_log_se([1.3, 2.1, 1.8], [1.1, 2.1, 1.6])
-    assert f"| care-e | 0.5 | {1.2 / 1.1:.3f} ± {se:.3f} | code | code | {1.4 / 1.2:.3f} | wiki | met |" in text
-    assert "| mha2mla | 0.5 | 1.050 | wiki | code | 1.300 | wiki | met |" in text
-    assert "| wiki | 1.00 | -1.00 | 0.80 |" in text  # Spearman table of care-e
-    assert "| care-e @ 0.5 | -0.33 | -1.00 |" in text
+    assert f"| care-e | 0.5 | mix | {1.2 / 1.1:.3f} ± {se:.3f} | code | code | {1.4 / 1.2:.3f} | wiki | met |" in text
+    assert f"| care-e | 0.5 | mix n=320 | {1.12 / 1.1:.3f} | code | code | {1.4 / 1.2:.3f} | wiki | met |" in text
+    assert "| mha2mla | 0.5 | mix | 1.050 | wiki | code | 1.300 | wiki | met |" in text
+    assert "- mix n=320 = `mix:code=1,wiki=1` at 320 windows: per part code 160, wiki 160" in text
+    assert "| wiki | 1.00 | -1.00 | 0.80 | 1.00 |" in text  # Spearman table of care-e (mix n=320 ranks = wiki's)
+    assert "| care-e @ 0.5 | -0.03 | -1.00 |" in text  # mean over the 6 pairs, min
     assert "| mha2mla @ 0.5 | 0.67 | 0.50 |" in text  # mean and min RoPE-pair overlap
     assert "| care-e @ 0.5, wiki | 1.600 ± 0.100 (3) | 1.320 ± 0.020 (3) | 1.200 (1) | 1.190 (1) |" in text
 

@@ -22,6 +22,8 @@ def test_robustness_sweep_expands_its_blocks():
             and len(j.eval.ppl.domains) == 5]
     assert len(main) == 6 * 5 * 2 + 6  # calibration x method x budget, + care_joint-e at 0.5
     assert "mix:chat=1,code=1,math=1,prose=1,wiki=1" in {j.calib.corpus for j in main}
+    big_mix = [j for j in jobs if not j.is_baseline and j.calib.samples == 320]
+    assert len(big_mix) == 5 * 2 and {j.calib.corpus for j in big_mix} == {"mix:chat=1,code=1,math=1,prose=1,wiki=1"}
     curve = [j for j in jobs if not j.is_baseline and len(j.eval.ppl.domains) == 1]
     assert {(j.calib.corpus, j.eval.ppl.domains) for j in curve} == {("wiki", ("wiki",)), ("code", ("code",))}
     assert sorted({j.calib.samples for j in curve}) == [8, 32, 64, 128, 512]
