@@ -14,9 +14,14 @@ mixture of calibrations is the token-weighted sum of the parts' fields, DESIGN �
                                      x~ the input in the partially converted model and x the original's
     x_mean_ref[l]   (D,) float64     with cross_cov: E[x], the original's mean input (x_mean is then E[x~])
 The result is cached under $MLA_HARNESS_CACHE/stats keyed by (model weights fingerprint, corpus,
-n, seq_len, seed), so every method and budget of a sweep reuses one pass; a file lock makes
-concurrent jobs of one (model, corpus) compute it once. Sequential statistics depend on the
-conversion of the earlier layers too, so their key adds the method, budget and options.
+n, seq_len, seed; and a hash of the text for a user corpus, so an edited file is recomputed), so
+every method and budget of a sweep reuses one pass; a file lock makes concurrent jobs of one
+(model, corpus) compute it once. Sequential statistics depend on the conversion of the earlier
+layers too, so their key adds the method, budget and options.
+
+Every tensor field of `Stats` is a per-token mean, so the statistics of a mixture of corpora are
+the token-weighted sum of its parts' (`combine_stats`, DESIGN §8): a mixture (`mix:wiki=1,code=1`)
+takes each part's cached statistics and needs no forward pass of its own.
 """
 from __future__ import annotations
 
@@ -334,6 +339,11 @@ def stats_key(model, spec: CalibSpec, extra: dict | None = None) -> str:
              "dtype": str(next(model.parameters()).dtype)}
     if extra:
         ident["extra"] = extra
+    from harness.data import corpus_fingerprint
+
+    content = corpus_fingerprint(spec.corpus)
+    if content is not None:  # a user corpus: its text, not only its name (registered keys unchanged)
+        ident["content"] = content
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -341,8 +351,10 @@ def _cached(model, tokenizer, spec: CalibSpec, compute: Callable, *, extra: dict
     """Load the statistics of (model, spec, extra) from the cache, or compute(windows) and store them."""
     from filelock import FileLock
 
-    from harness.data import adds_bos, token_windows
+    from harness.data import adds_bos, is_mixture, token_windows
 
+    if is_mixture(spec.corpus):
+        return mixture_stats(model, tokenizer, spec, cache=cache, progress=progress)
     bos = adds_bos(tokenizer)
     if bos:  # windows start with BOS (keys of BOS-less tokenizers are what they always were)
         extra = {**(extra or {}), "bos": True}
@@ -374,8 +386,13 @@ def get_stats(model, tokenizer, spec: CalibSpec, *, cache: bool = True, progress
     """Statistics for (model, calibration spec): loaded from the cache or computed and stored.
 
     Returns:
-        Stats, with meta {key, corpus, samples, seq_len, seed, seconds, cached}.
+        Stats, with meta {key, corpus, samples, seq_len, seed, seconds, cached}; a mixture
+        (mix:a=w,...) is the token-weighted sum of its parts' statistics (`mixture_stats`).
     """
+    from harness.data import is_mixture
+
+    if is_mixture(spec.corpus):
+        return mixture_stats(model, tokenizer, spec, cache=cache, progress=progress)
     return _cached(model, tokenizer, spec, lambda w: collect_stats(model, w, spec.batch_size, progress=progress),
                    extra=None, cache=cache)
 
@@ -389,4 +406,63 @@ def get_sequential_stats(model, tokenizer, spec: CalibSpec, convert_layer: Calla
                                               batch_size=spec.batch_size, progress=progress),
                  extra={"sequential": target, **conversion}, cache=cache)
     st.meta["sequential"] = target
+    return st
+
+
+# ------------------------------------------------------------------------------------- mixtures
+def combine_stats(parts: list[Stats], weights: list[float] | None = None) -> Stats:
+    """Sum_i w_i S_i of statistics, field by field: every tensor field of `Stats` is a per-token
+    mean, so with w_i the token shares (the default) this is exactly the statistics of all the
+    parts' tokens together (DESIGN §8: C_mix = sum_i w_i C_i; same for |x| means and pair norms).
+
+    Tensors are summed and returned in float64 (exact to rounding); n_tokens add up; any other
+    field must agree across the parts.
+    """
+    if not parts:
+        raise HarnessError("combine_stats needs at least one part")
+    if weights is None:
+        total = sum(p.n_tokens for p in parts)
+        weights = [p.n_tokens / total for p in parts]
+    assert len(weights) == len(parts), f"{len(weights)} weights for {len(parts)} parts"
+    out = {}
+    for f in dataclasses.fields(Stats):
+        values = [getattr(p, f.name) for p in parts]
+        if f.name == "meta":
+            out[f.name] = {}
+        elif f.name == "n_tokens":
+            out[f.name] = sum(values)
+        elif all(isinstance(v, torch.Tensor) for v in values):
+            acc = torch.zeros_like(values[0], dtype=torch.float64)
+            for w, v in zip(weights, values):
+                acc += w * v.double()
+            out[f.name] = acc
+        elif all(v == values[0] for v in values[1:]):
+            out[f.name] = values[0]
+        else:
+            raise HarnessError(f"statistics to mix differ in their field {f.name!r}: {values!r}")
+    st = Stats(**out)
+    st.check()
+    return st
+
+
+def mixture_stats(model, tokenizer, spec: CalibSpec, *, cache: bool = True, progress: bool = True) -> Stats:
+    """Statistics of a mixture `spec.corpus` (mix:a=w_a,...): each part's own statistics on its share
+    of the windows (`harness.data.mixture_counts`, the same seed), loaded from the cache or computed
+    and cached per part, summed with the token shares. No forward pass when every part is cached.
+
+    Returns:
+        Stats, with meta {key, corpus, samples, seq_len, seed, bos, seconds, cached, parts}.
+    """
+    from harness.data import mixture_counts
+
+    parts = [get_stats(model, tokenizer, dataclasses.replace(spec, corpus=corpus, samples=n), cache=cache,
+                       progress=progress) for corpus, n in mixture_counts(spec.corpus, spec.samples)]
+    st = combine_stats(parts)
+    total = sum(p.n_tokens for p in parts)
+    keys = [p.meta["key"] for p in parts]
+    st.meta = {"key": hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:20], "corpus": spec.corpus,
+               "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed, "bos": parts[0].meta.get("bos"),
+               "seconds": sum(p.meta["seconds"] for p in parts), "cached": all(p.meta["cached"] for p in parts),
+               "parts": [{"corpus": p.meta["corpus"], "samples": p.meta["samples"], "key": p.meta["key"],
+                          "token_share": p.n_tokens / total, "cached": p.meta["cached"]} for p in parts]}
     return st

@@ -36,12 +36,15 @@ def _environment() -> None:
 
 
 # ----------------------------------------------------------------------------------- checks
-def _check_corpora(names: list[str], flag: str) -> None:
-    from harness.data import corpus_problem
+def _corpora(text: str, flag: str) -> list[str]:
+    """Canonical corpus names from a flag ('wiki,data/x.txt,mix:wiki=1,code=1'), each checked first."""
+    from harness.data import check_corpus, split_corpus_list
 
-    problems = [m for n in names if (m := corpus_problem(n))]
+    names = split_corpus_list(text)
+    problems = [m for n in names if (m := check_corpus(n))]
     if problems:
         raise HarnessError(f"{flag}: " + "; ".join(problems))
+    return names
 
 
 def _method_setup(a, calib_seed: int) -> tuple:
@@ -52,11 +55,11 @@ def _method_setup(a, calib_seed: int) -> tuple:
 
     opts = get_method(a.method).check_options(parse_assignments(a.option))
     budget = Budget(kv_save=a.kv_save, rank=a.rank)
-    _check_corpora([a.calib], "--calib")
+    (calib,) = _corpora(a.calib, "--calib") or [None]
     for flag, v, lo in (("--calib-samples", a.calib_samples, 1), ("--calib-seq-len", a.calib_seq_len, 2)):
         if v < lo:
             raise HarnessError(f"{flag} {v} must be >= {lo}")
-    return a.method, opts, budget, CalibSpec(a.calib, a.calib_samples, a.calib_seq_len, calib_seed)
+    return a.method, opts, budget, CalibSpec(calib, a.calib_samples, a.calib_seq_len, calib_seed)
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -127,9 +130,8 @@ def cmd_eval(a) -> int:
     from harness.evaluate import PplSpec, domain_perplexities, kv_accounting
     from harness.models import load_model
 
-    domains = [d for d in a.ppl.split(",") if d]
+    domains = _corpora(a.ppl, "--ppl")
     tasks = [t for t in a.tasks.split(",") if t]
-    _check_corpora(domains, "--ppl")
     if tasks:
         from harness.lmeval import check_tasks
 
@@ -184,7 +186,7 @@ def cmd_heal(a) -> int:
         setup = _method_setup(a, 0)
     elif spec.kd_weight > 0:
         raise HarnessError("--kd-weight > 0 needs the original model: give --model ORIGINAL --method ... to convert here")
-    _check_corpora(a.ppl_domains.split(","), "--ppl-domains")
+    domains = _corpora(a.ppl_domains, "--ppl-domains")
     if a.threads:
         import torch
 
@@ -200,7 +202,7 @@ def cmd_heal(a) -> int:
         raise HarnessError(f"{a.model} is not converted; give --method and --kv-save (or a converted directory)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    evaluate = _default_evaluate(tok, a.ppl_domains.split(","), PplSpec(a.ppl_samples, a.ppl_seq_len))
+    evaluate = _default_evaluate(tok, domains, PplSpec(a.ppl_samples, a.ppl_seq_len))
     run = None
     if a.wandb:
         import wandb
@@ -284,6 +286,11 @@ def cmd_publish(a) -> int:
     return 0
 
 
+def cmd_report(a) -> int:
+    """Write a study's REPORT.md and figures from its results folder (mla-harness report STUDY DIR)."""
+    return a.report_func(a)
+
+
 def cmd_sync(a) -> int:
     """Upload offline W&B runs under a results directory (wraps `wandb sync`)."""
     from harness.track import sync
@@ -294,7 +301,7 @@ def cmd_sync(a) -> int:
 COMMANDS = {
     "sweep": cmd_sweep, "convert": cmd_convert, "eval": cmd_eval, "inspect": cmd_inspect, "heal": cmd_heal,
     "models": cmd_models, "corpora": cmd_corpora, "methods": cmd_methods,
-    "leaderboard": cmd_leaderboard, "publish": cmd_publish, "sync": cmd_sync,
+    "leaderboard": cmd_leaderboard, "publish": cmd_publish, "sync": cmd_sync, "report": cmd_report,
 }
 
 
@@ -380,7 +387,8 @@ def _conversion_args(sp, required: bool) -> None:
     g.add_argument("--kv-save", type=float, help="fraction of the KV cache to save, e.g. 0.5")
     g.add_argument("--rank", type=int, help="rank per K and per V (CARE notation)")
     sp.add_argument("--option", action="append", help="method option key=value (repeatable)")
-    sp.add_argument("--calib", default="wiki", help="calibration corpus (mla-harness corpora)")
+    sp.add_argument("--calib", default="wiki",
+                    help="calibration corpus: a name, a path (.txt/.jsonl/.parquet/folder), hf:..., or mix:wiki=1,code=1")
     sp.add_argument("--calib-samples", type=int, default=64)
     sp.add_argument("--calib-seq-len", type=int, default=256)
 
@@ -418,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("eval")
     _model_args(s)
-    s.add_argument("--ppl", default="", help="comma-separated corpora, e.g. wiki,code")
+    s.add_argument("--ppl", default="", help="comma-separated corpora, e.g. wiki,code,data/notes.txt")
     s.add_argument("--ppl-samples", type=int, default=32)
     s.add_argument("--ppl-seq-len", type=int, default=256)
     s.add_argument("--tasks", default="", help="lm-eval tasks/groups, e.g. arc_easy,piqa or mla_core")
@@ -459,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("publish")
     s.add_argument("results_root", help="folder holding the sweeps' results (each <sweep>/rows.parquet), e.g. results")
     s.add_argument("--out", default="site", help="site folder to (re)build (default: site/)")
+    s = add("report")
+    from harness.reports import add_study_parsers
+
+    add_study_parsers(s.add_subparsers(dest="study", required=True, metavar="STUDY"))
     s = add("sync")
     s.add_argument("results_dir", help="uploads every offline W&B run below it")
     return p

@@ -187,9 +187,9 @@ def _models(raw, probs) -> list[str]:
 
 
 def _corpus(name, path, probs) -> None:
-    from harness.data import corpus_problem
+    from harness.data import check_corpus
 
-    msg = corpus_problem(name)
+    msg = check_corpus(name) if isinstance(name, str) else f"expected a corpus name or mapping, got {name!r}"
     if msg:
         probs.add(path, msg)
 
@@ -234,9 +234,14 @@ def _heals(raw, probs) -> list[HealConfig]:
             h = {k: _number(v) if k in float_keys else [v] if k in ("targets", "corpora") and isinstance(v, str)
                  else _count(v) if k == "tokens" else [_count(t) for t in v]
                  if k == "eval_every_tokens" and isinstance(v, list) else v for k, v in h.items()}
-            if isinstance(h.get("corpora"), dict):  # {wiki: 0.4, chat: 0.6}: corpora with their token shares
-                h["weights"] = [_number(w) for w in h["corpora"].values()]
-                h["corpora"] = list(h["corpora"])
+            c = h.get("corpora")
+            if isinstance(c, dict) and set(c) & {"mix", "path"}:  # one mixture or user corpus
+                h["corpora"] = [c]
+            elif isinstance(c, dict):  # {wiki: 0.4, chat: 0.6}: corpora with their token shares
+                h["weights"] = [_number(w) for w in c.values()]
+                h["corpora"] = list(c)
+            if isinstance(h.get("corpora"), list):  # canonical names (mixtures, paths with a field)
+                h["corpora"] = [_corpus_name_or_text(x) for x in h["corpora"]]
             if h.get("mode") == "full" and "targets" not in h:  # full fine-tuning's default scope
                 h["targets"] = ["all"]
         hc = typed(HealConfig, h, ("heal", i), probs)
@@ -253,6 +258,7 @@ def _eval(raw, probs) -> EvalConfig | None:
     if not isinstance(ev, dict):
         probs.add(("eval",), "expected a mapping")
         return None
+    ev = {**ev, "ppl": _named_corpus(ev.get("ppl"), "domains", ("eval", "ppl"), probs)} if ev.get("ppl") else ev
     ppl = typed(PplConfig, ev.get("ppl"), ("eval", "ppl"), probs)
     long_ppl = _long_ppl(ev.get("long_ppl"), probs)
     rest = {k: v for k, v in ev.items() if k not in ("ppl", "long_ppl")}
@@ -311,6 +317,10 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None,
     if not isinstance(raw, dict):
         raise HarnessError(f"{source}: a sweep file is a mapping with keys {', '.join(TOP_KEYS)}")
     raw, suffix = apply_overrides(raw, overrides or [], lines)
+    if "blocks" in raw:
+        sweep = _parse_blocks(raw, source, lines)
+        sweep.name += suffix
+        return sweep
     probs = Problems(source, lines)
     for k in raw:
         if k not in TOP_KEYS:
@@ -318,7 +328,8 @@ def parse_sweep(raw, source: str = "<sweep>", lines: dict | None = None,
             probs.add((k,), f"unknown key{f' (did you mean {close[0]!r}?)' if close else ''}; known: {', '.join(TOP_KEYS)}")
     name = str(raw.get("name") or Path(source).stem) + suffix
     models = _models(raw, probs)
-    calibs = [typed(CalibConfig, c, ("calibration", i), probs) for i, c in enumerate(raw.get("calibration") or [{}])]
+    calibs = [typed(CalibConfig, _named_corpus(c, "corpus", ("calibration", i), probs), ("calibration", i), probs)
+              for i, c in enumerate(raw.get("calibration") or [{}])]
     for i, c in enumerate(calibs):
         if c is not None:
             _corpus(c.corpus, ("calibration", i, "corpus"), probs)
@@ -405,3 +416,72 @@ def _applying(kv_quants: list, budget: BudgetConfig | None) -> list[KVQuantSpec 
     """The kv_quant entries for the baseline (budget None) or for the jobs of one budget."""
     key = "baseline" if budget is None else budget.kv_save
     return [spec for spec, only in kv_quants if only is None or key in only]
+
+
+# ------------------------------------------- corpora given as mappings; sweep blocks (issue #11)
+def _corpus_name_or_text(value) -> str:
+    """The canonical corpus name (harness.data.corpus_name), or the value as text for check_corpus to reject."""
+    from harness.data import corpus_name
+
+    try:
+        return corpus_name(value)
+    except HarnessError:
+        return str(value)
+
+
+def _named_corpus(entry, key: str, path: tuple, probs: Problems):
+    """`entry` with its corpus (key corpus) or corpora (key domains) as canonical names:
+    `{mix: {wiki: 1, code: 1}}` -> 'mix:code=1,wiki=1', `{path: f, field: x}` -> 'f#x'."""
+    from harness.data import corpus_name
+
+    if not isinstance(entry, dict) or key not in entry:
+        return entry
+    values = entry[key]
+    many = isinstance(values, (list, tuple))
+    names = []
+    for j, v in enumerate(values if many else [values]):
+        try:
+            names.append(corpus_name(v))
+        except HarnessError as e:
+            probs.add(path + (key,) + ((j,) if many else ()), str(e))
+            names.append("wiki")  # a placeholder: the problem above stops the sweep before any job
+    return {**entry, key: names if many else names[0]}
+
+
+BLOCK_KEYS = ("models", "calibration", "budgets", "methods", "baseline", "heal", "heal_baseline", "eval", "device",
+              "dtype")
+
+
+def _parse_blocks(raw: dict, source: str, lines: dict) -> SweepConfig:
+    """A sweep of several blocks: `blocks:` lists partial sweeps; each block's keys replace the
+    file's shared ones (name, models, eval, executor, ...). The jobs are the union of the blocks'
+    grids; a job two blocks share runs once (one job id)."""
+    blocks = raw["blocks"]
+    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, dict) for b in blocks):
+        where = f"{source}:{lines[('blocks',)]}" if ("blocks",) in lines else source
+        raise HarnessError(f"{where}: blocks: give a list of mappings with keys {', '.join(BLOCK_KEYS)}")
+    shared = {k: v for k, v in raw.items() if k != "blocks"}
+    errors: list[str] = []
+    jobs: dict[str, JobConfig] = {}
+    sweep = None
+    for i, block in enumerate(blocks):
+        bad = [k for k in block if k not in BLOCK_KEYS]
+        if bad:
+            line = lines.get(("blocks", i, bad[0]))
+            errors.append(f"{source}{f':{line}' if line else ''}: blocks.{i}.{bad[0]}: not a block key; "
+                          f"a block has {', '.join(BLOCK_KEYS)}")
+            continue
+        block_lines = {**lines, **{p[2:]: n for p, n in lines.items() if p[:2] == ("blocks", i) and len(p) > 2}}
+        try:
+            sweep = parse_sweep({**shared, **block}, source, block_lines)
+        except HarnessError as e:
+            errors.extend(f"block {i}: {line.strip()}" for line in str(e).splitlines() if "problem(s) in" not in line)
+            continue
+        for job in sweep.jobs:
+            jobs.setdefault(job.job_id, job)
+    if errors:
+        errors = list(dict.fromkeys(errors))
+        head = f"{len(errors)} problem(s) in {source}:\n  " if len(errors) > 1 else ""
+        raise HarnessError(head + "\n  ".join(errors))
+    sweep.jobs = list(jobs.values())
+    return sweep

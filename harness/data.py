@@ -13,6 +13,17 @@ tokenizer's BOS in front of each window when it adds one by default, `adds_bos`)
 
 Nothing is read until a corpus is used, and each corpus is loaded once per process.
 
+Wherever a corpus name is accepted (sweep `corpus:`, `eval.ppl.domains`, heal `corpora`, `--calib`,
+`--ppl`), a user corpus works too, split and windowed the same way:
+    data/notes.txt                    documents separated by blank lines
+    data/rows.jsonl  (data/rows.jsonl#body)   one JSON object per line, field `text` (or `body`)
+    data/rows.parquet (…#body)        one row per document, column `text` (or the one after #)
+    data/repo/                        every .txt/.md/.py file below it is one document
+    hf:<dataset>[:<config>][@<split>]#<field>   a hub dataset (split default train), where reachable
+    mix:wiki=1,code=1                 a mixture: windows from each part in proportion to its weight
+In YAML, `{path: data/rows.jsonl, field: body}` and `{mix: {wiki: 1, code: 1}}` say the same;
+`corpus_name` turns every spelling into one canonical string (a job's identity).
+
 Adding a corpus is one registration: a function that takes the data package's folder (found with
 `importlib.util.find_spec`, never imported; `None` when `package` is not given) and yields
 documents as strings.
@@ -32,6 +43,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -90,20 +102,16 @@ def get_corpus(name: str) -> CorpusSpec:
     """
     if name in CORPORA:
         return CORPORA[name]
+    if is_mixture(name):
+        raise HarnessError(f"corpus {name!r} is a mixture: it has no documents of its own (use its parts)")
+    if str(name).startswith(HF_PREFIX):
+        return _hf_spec(name)
+    if _looks_like_path(name):
+        return _path_spec(name)
     close = difflib.get_close_matches(str(name), CORPORA, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
-    raise HarnessError(f"unknown corpus {name}; known: {', '.join(list_corpora())}{hint}")
-
-
-def corpus_problem(name) -> str | None:
-    """Why `name` is not a usable corpus name (one line naming the fix), or None when it is."""
-    if not isinstance(name, str):
-        return f"expected a corpus name, got {name!r}; known: {', '.join(list_corpora())}"
-    try:
-        get_corpus(name)
-    except HarnessError as e:
-        return str(e)
-    return None
+    raise HarnessError(f"unknown corpus {name}; known: {', '.join(list_corpora())}{hint} "
+                       f"(or a path to a {'/'.join(FILE_SUFFIXES)} file or a folder, or mix:a=1,b=1)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +280,307 @@ def _chat(root: Path) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# User corpora: a file, a folder or a hub dataset, named by a string (see the module docstring)
+
+HF_PREFIX = "hf:"
+MIX_PREFIX = "mix:"
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")  # a corpus file
+FOLDER_SUFFIXES = (".txt", ".md", ".py")  # the documents of a corpus folder, one per file
+DEFAULT_FIELD = "text"  # the text field of .jsonl / .parquet / hub rows
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+def _looks_like_path(name: str) -> bool:
+    bare = name.rpartition("#")[0] or name
+    return "/" in name or os.sep in name or Path(bare).suffix != "" or Path(name).exists()
+
+
+def _corpus_files(name: str) -> tuple[Path, list[Path], str | None]:
+    """(path, its document files, text field) of a path corpus `path[#field]`.
+
+    Raises:
+        HarnessError: missing path, unknown extension, a folder without documents, a misplaced field.
+    """
+    raw, sep, field = name.rpartition("#")
+    if not sep or Path(name).exists():  # no field given (or a '#' in the file's own name)
+        raw, field = name, ""
+    path = Path(raw).expanduser()
+    if not path.exists():
+        raise HarnessError(f"corpus path {raw} does not exist; give a {'/'.join(FILE_SUFFIXES)} file "
+                           f"or a folder of {'/'.join(FOLDER_SUFFIXES)} files")
+    if path.is_dir():
+        if field:
+            raise HarnessError(f"corpus folder {raw}: a folder has no fields (each file is a document); drop #{field}")
+        files = sorted(f for f in path.rglob("*") if f.suffix in FOLDER_SUFFIXES and f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        if not files:
+            raise HarnessError(f"corpus folder {raw} is empty: no {'/'.join(FOLDER_SUFFIXES)} files below it")
+        return path, files, None
+    if path.suffix not in FILE_SUFFIXES:
+        raise HarnessError(f"corpus file {raw}: unknown extension {path.suffix or '(none)'}; use .txt "
+                           "(documents separated by blank lines), .jsonl, .parquet, or a folder of files")
+    if path.suffix == ".txt":
+        if field:
+            raise HarnessError(f"corpus file {raw}: a .txt corpus has no fields; drop #{field}")
+        return path, [path], None
+    return path, [path], field or DEFAULT_FIELD
+
+
+def _as_text(value) -> str:
+    return "" if value is None else value if isinstance(value, str) else str(value)
+
+
+def _read_path(name: str) -> Iterator[str]:
+    """The documents of a path corpus, in file order."""
+    path, files, field = _corpus_files(name)
+    if path.is_dir():
+        for f in files:
+            yield f.read_text(encoding="utf-8", errors="replace")
+    elif path.suffix == ".txt":
+        yield from _BLANK_LINE.split(path.read_text(encoding="utf-8", errors="replace"))
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise HarnessError(f"corpus {path}:{i}: not valid JSON ({e.msg}); one JSON object per line") from None
+                if not isinstance(row, dict) or field not in row:
+                    keys = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+                    raise HarnessError(f"corpus {path}:{i}: no field {field!r} (has: {keys}); name the text "
+                                       f"field as {path}#<field> (YAML: {{path: {path}, field: <field>}})")
+                yield _as_text(row[field])
+    else:  # .parquet
+        import pyarrow.parquet as pq
+
+        columns = pq.read_schema(path).names
+        if field not in columns:
+            raise HarnessError(f"corpus {path}: no column {field!r} (has: {', '.join(columns)}); name the text "
+                               f"column as {path}#<column> (YAML: {{path: {path}, field: <column>}})")
+        yield from map(_as_text, pq.read_table(path, columns=[field]).column(field).to_pylist())
+
+
+def _path_spec(name: str) -> CorpusSpec:
+    path, files, field = _corpus_files(name)
+    source = f"{len(files)} files below {path}" if path.is_dir() else f"{path}" + (f" (field {field})" if field else "")
+    return CorpusSpec(name, description="user corpus", source=source, loader=lambda _root: _read_path(name))
+
+
+def _parse_hf(name: str) -> tuple[str, str | None, str, str]:
+    """hf:<dataset>[:<config>][@<split>]#<field> -> (dataset, config, split, field)."""
+    body, _, field = name[len(HF_PREFIX):].partition("#")
+    body, _, split = body.partition("@")
+    dataset, _, config = body.partition(":")
+    if not dataset:
+        raise HarnessError(f"corpus {name!r}: give a dataset, hf:<dataset>[:<config>][@<split>]#<field>")
+    return dataset, config or None, split or "train", field or DEFAULT_FIELD
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_dataset(dataset: str, config: str | None, split: str):
+    try:
+        import datasets
+
+        return datasets.load_dataset(dataset, config, split=split)
+    except Exception as e:  # offline, unknown dataset/config/split: the library's first line says which
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise HarnessError(
+            f"corpus hf:{dataset}{':' + config if config else ''}@{split}: could not load it ({why}); the hub "
+            "must be reachable (mla-harness sets HF_DATASETS_OFFLINE=1 unless it is set: export "
+            "HF_DATASETS_OFFLINE=0) or the dataset already in the datasets cache"
+        ) from None
+
+
+def _hf_spec(name: str) -> CorpusSpec:
+    dataset, config, split, field = _parse_hf(name)
+
+    def load(_root) -> Iterator[str]:
+        ds = _hf_dataset(dataset, config, split)
+        if field not in ds.column_names:
+            raise HarnessError(f"corpus {name!r}: no field {field!r} (has: {', '.join(ds.column_names)}); "
+                               "name it after #")
+        yield from map(_as_text, ds[field])
+
+    return CorpusSpec(name, description="hub dataset", source=f"hub dataset {dataset} config {config} split {split}",
+                      loader=load)
+
+
+def _stamp(name: str) -> tuple:
+    """Changes when a user corpus's files change (size or mtime); () for every other corpus."""
+    if name in CORPORA or str(name).startswith(HF_PREFIX) or is_mixture(name) or not _looks_like_path(name):
+        return ()
+    path, files, field = _corpus_files(name)
+    return (field,) + tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+@functools.lru_cache(maxsize=64)
+def _content_hash(name: str, stamp: tuple) -> str:
+    path, files, field = _corpus_files(name)
+    h = hashlib.sha256(f"field={field}".encode())
+    for f in files:
+        h.update(b"\0" + str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def corpus_fingerprint(name: str) -> str | None:
+    """A hash of a user corpus's content, for cache keys: an edited file gives another key.
+
+    None for the registered corpora (their data packages are pinned, and their cache keys predate
+    fingerprints); a hub dataset's `datasets` fingerprint; a mixture's is its parts' together.
+    """
+    if name in CORPORA:
+        return None
+    if is_mixture(name):
+        parts = [(p, w, corpus_fingerprint(p)) for p, w in mixture_parts(name)]
+        if all(f is None for _, _, f in parts):
+            return None
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+    if str(name).startswith(HF_PREFIX):
+        ds = _hf_dataset(*_parse_hf(name)[:3])
+        return str(getattr(ds, "_fingerprint", None) or name)
+    return _content_hash(name, _stamp(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures: mix:<corpus>=<weight>,... (weights are token shares)
+
+
+def is_mixture(name) -> bool:
+    return isinstance(name, str) and name.startswith(MIX_PREFIX)
+
+
+def _weight_text(w) -> str:
+    try:
+        f = float(w)
+    except (TypeError, ValueError):
+        return str(w)  # mixture_parts says what is wrong with it
+    return str(int(f)) if f.is_integer() else repr(f)
+
+
+def mixture_parts(name: str) -> list[tuple[str, float]]:
+    """(part, weight) of a mixture, sorted by part; weights as given (> 0, any scale).
+
+    Raises:
+        HarnessError: a part that is not corpus=weight, a weight that is not > 0, a repeated or nested part.
+    """
+    parts: dict[str, float] = {}
+    for item in name[len(MIX_PREFIX):].split(","):
+        part, sep, w = item.strip().rpartition("=")
+        part = part.strip()
+        if not sep or not part:
+            raise HarnessError(f"mixture {name!r}: part {item.strip()!r} must look like corpus=weight "
+                               "(e.g. mix:wiki=1,code=1)")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight) or weight <= 0:
+            raise HarnessError(f"mixture {name!r}: the weight of {part} is {w.strip()!r}; give a number > 0")
+        if is_mixture(part) or part in parts:
+            raise HarnessError(f"mixture {name!r}: part {part} is {'a mixture' if is_mixture(part) else 'repeated'}; "
+                               "list each corpus once")
+        parts[part] = weight
+    return sorted(parts.items())
+
+
+def mixture_counts(name: str, n: int) -> list[tuple[str, int]]:
+    """How many of `n` windows each part gives: n times its weight share, by largest remainder.
+
+    Raises:
+        HarnessError: a part would get no window.
+    """
+    parts = mixture_parts(name)
+    total = sum(w for _, w in parts)
+    quotas = [n * w / total for _, w in parts]
+    counts = [math.floor(q) for q in quotas]
+    for i in sorted(range(len(parts)), key=lambda i: (counts[i] - quotas[i], i))[: n - sum(counts)]:
+        counts[i] += 1
+    empty = [p for (p, _), c in zip(parts, counts) if c == 0]
+    if empty:
+        raise HarnessError(f"mixture {name!r}: {', '.join(empty)} get(s) 0 of {n} windows; raise samples or its weight")
+    return [(p, c) for (p, _), c in zip(parts, counts)]
+
+
+def mixture_windows(
+    tokenizer, corpus: str, split: str, n: int, seq_len: int, seed: int = 0, bos: bool | None = None
+) -> torch.LongTensor:
+    """`n` windows of a mixture: each part's own `token_windows` (same seed) for its share, in part order.
+
+    A part's windows are exactly those it gives as a corpus of its own, so a mixture's statistics
+    are the token-weighted sum of its parts' cached statistics (harness.calibrate).
+
+    Returns:
+        LongTensor of shape (n, seq_len), or (n, 1 + seq_len) with BOS (as `token_windows`).
+    """
+    import torch
+
+    parts = mixture_counts(corpus, n)
+    return torch.cat([token_windows(tokenizer, p, split, k, seq_len, seed, bos) for p, k in parts])
+
+
+# ---------------------------------------------------------------------------------------------
+# Naming and checking corpora (configs and the command line)
+
+
+def corpus_name(value) -> str:
+    """The canonical string of a corpus as given in YAML or on the command line.
+
+    `{mix: {wiki: 1, code: 2}}` and 'mix:wiki=1,code=2' -> 'mix:code=2,wiki=1' (parts sorted);
+    `{path: p, field: f}` -> 'p#f'; any other string as it is (stripped).
+
+    Raises:
+        HarnessError: a mapping of another shape, a malformed mixture, or not a string.
+    """
+    if isinstance(value, dict):
+        if set(value) == {"mix"} and isinstance(value["mix"], dict) and value["mix"]:
+            items = ",".join(f"{corpus_name(k)}={_weight_text(w)}" for k, w in value["mix"].items())
+            return corpus_name(MIX_PREFIX + items)
+        if "path" in value and set(value) <= {"path", "field"}:
+            return str(value["path"]) + (f"#{value['field']}" if value.get("field") else "")
+        raise HarnessError(f"corpus {value!r}: a mapping is {{mix: {{<corpus>: <weight>, ...}}}} or "
+                           "{path: <file>, field: <text field>}")
+    if not isinstance(value, str) or not value.strip():
+        raise HarnessError(f"corpus {value!r}: give a name ({', '.join(list_corpora())}), a path, hf:... or mix:...")
+    value = value.strip()
+    if is_mixture(value):
+        return MIX_PREFIX + ",".join(f"{p}={_weight_text(w)}" for p, w in mixture_parts(value))
+    return value
+
+
+def check_corpus(name: str) -> str | None:
+    """What is wrong with a corpus, in one line, or None: before any model is loaded.
+
+    Reads a user corpus's files (so an empty one is caught), never a data package or the hub.
+    """
+    try:
+        for part in [p for p, _ in mixture_parts(name)] if is_mixture(name) else [name]:
+            if part in CORPORA:
+                continue
+            get_corpus(part)  # unknown name, missing path, unknown extension, hf syntax
+            if not str(part).startswith(HF_PREFIX):
+                _splits(part)  # an empty file
+    except HarnessError as e:
+        return str(e)
+    return None
+
+
+def split_corpus_list(text: str) -> list[str]:
+    """'wiki,mix:wiki=1,code=1,chat' -> ['wiki', 'mix:code=1,wiki=1', 'chat'] (a mixture's parts hold '=')."""
+    out: list[str] = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        if "=" in item and not is_mixture(item) and out and is_mixture(out[-1]):
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return [corpus_name(x) for x in out]
+
+
+# ---------------------------------------------------------------------------------------------
 # Splits and token windows
 
 
@@ -281,9 +590,14 @@ def _is_eval(text: str) -> bool:
     return int.from_bytes(digest, "big") % 100 < EVAL_PERCENT
 
 
-@functools.lru_cache(maxsize=None)
 def _splits(name: str) -> dict[str, tuple[str, ...]]:
-    """Deduplicated documents of a corpus, split by text hash; loaded once per process."""
+    """Deduplicated documents of a corpus, split by text hash; loaded once per process
+    (a user corpus again when its files change)."""
+    return _split_documents(name, _stamp(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _split_documents(name: str, _stamp: tuple) -> dict[str, tuple[str, ...]]:
     spec = get_corpus(name)
     root = _package_dir(spec)
     seen: set[str] = set()
@@ -293,9 +607,8 @@ def _splits(name: str) -> dict[str, tuple[str, ...]]:
         if doc and doc not in seen:
             seen.add(doc)
             out["eval" if _is_eval(doc) else "calib"].append(doc)
-    for split, docs in out.items():
-        if not docs:
-            raise HarnessError(f"corpus {name!r} has no documents in its {split!r} split; check {spec.source}")
+    if not seen:
+        raise HarnessError(f"corpus {name!r} is empty: no non-blank documents in {spec.source}")
     return {split: tuple(docs) for split, docs in out.items()}
 
 
@@ -310,7 +623,14 @@ def load_documents(name: str, split: str) -> list[str]:
     """
     if split not in SPLITS:
         raise HarnessError(f"unknown split {split!r} for corpus {name!r}; known: {', '.join(SPLITS)}")
-    return list(_splits(name)[split])
+    splits = _splits(name)
+    if not splits[split]:
+        total = sum(map(len, splits.values()))
+        raise HarnessError(
+            f"corpus {name!r} has no documents in its {split!r} split ({total} documents in all, about "
+            f"{EVAL_PERCENT}% held out for eval by a hash of their text); give it more, smaller documents"
+        )
+    return list(splits[split])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -360,6 +680,8 @@ def token_windows(
 
     if n < 1 or seq_len < 1:
         raise HarnessError(f"token_windows needs n >= 1 and seq_len >= 1, got n={n}, seq_len={seq_len}")
+    if is_mixture(corpus):  # each part's own windows, in proportion (mixture_windows)
+        return mixture_windows(tokenizer, corpus, split, n, seq_len, seed, bos)
     docs = load_documents(corpus, split)
     random.Random(seed).shuffle(docs)
     need = n * seq_len

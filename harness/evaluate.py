@@ -46,19 +46,23 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, bos: bool = Fa
     the tokens scored without BOS are scored, now with the context the model was trained on.
 
     Returns:
-        {"ppl": float, "nll": mean NLL per token, "tokens": predicted tokens}
+        {"ppl": float, "nll": mean NLL per token, "tokens": predicted tokens,
+         "nll_windows": mean NLL of each window (paired uncertainties of ratios between models)}
     """
     device = next(model.parameters()).device
     skip = 1 if bos else 0
-    nll, count = 0.0, 0
+    nll, count, per_window = 0.0, 0, []
     for b in windows.split(batch_size):
         b = b.to(device)
         logits = model(input_ids=b, use_cache=False).logits[:, skip:-1].float()
         tgt = b[:, 1 + skip:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").item()
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
+        losses = losses.view(tgt.shape)  # (batch, predicted tokens per window)
+        nll += losses.sum().item()
         count += tgt.numel()
+        per_window += losses.double().mean(1).tolist()
     mean = nll / count
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": count}
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "nll_windows": per_window}
 
 
 def domain_perplexities(model, tokenizer, domains: list[str], spec: PplSpec = PplSpec()) -> dict[str, dict]:

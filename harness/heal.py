@@ -299,11 +299,11 @@ def heal(model, tokenizer, spec: HealSpec, *, teacher=None, out_dir: str | Path 
 
 def _checked(spec: HealSpec, teacher) -> HealSpec:
     """The spec in canonical form (lists -> tuples, full mode's default targets); every problem at once."""
-    from harness.data import corpus_problem
+    from harness.data import check_corpus
 
     spec = heal_config(asdict(spec))
     problems = spec.problems() + [("corpora", m) for c in (spec.corpora if spec.mode != "none" else ())
-                                  if (m := corpus_problem(c))]
+                                  if (m := check_corpus(c))]
     if problems:
         raise HarnessError("heal spec: " + "; ".join(f"{k}: {m}" for k, m in problems))
     if spec.kd_weight > 0 and teacher is None:

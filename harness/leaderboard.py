@@ -178,6 +178,7 @@ def leaderboard_frame(df: pd.DataFrame, all_columns: bool = False, results: Path
     quantized = "kv_quant" in df  # sweeps with the kv_quant axis: bytes/token and RULER columns shown
     if quantized:
         df["kv_quant"] = df["kv_quant"].fillna("none")
+    df["calib"] = calib_label(df)
     shown = task_columns(df)
     extra = []
     if shown:
@@ -232,6 +233,17 @@ def cell(r: pd.Series, col: str) -> str:
     if text and sig is not None and not pd.isna(sig) and not bool(sig):
         text += " n.s."
     return text
+
+
+def calib_label(df: pd.DataFrame) -> pd.Series:
+    """The calibration corpus, with its window count and seed where the rows vary them (a
+    sample-size study): without them such rows would collapse into one."""
+    out = df["calib"].astype(str)
+    conv = df["method"] != "baseline"
+    for col, name in (("calib_samples", "n"), ("calib_seed", "seed")):
+        if col in df and df.loc[conv, col].nunique() > 1:
+            out = out.where(df[col].isna(), out + f" {name}=" + df[col].map(lambda v: f"{v:g}" if pd.notna(v) else ""))
+    return out
 
 
 def _fmt(col: str, v) -> str:
@@ -311,6 +323,7 @@ def make_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     ok["budget"] = ok.apply(_budget_label, axis=1)
     for c in ("calib", "heal"):
         ok[c] = ok[c].fillna("-") if c in ok else "-"
+    ok["calib"] = calib_label(ok)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     ppl_cols = sorted(c for c in ok.columns if c.startswith("ppl_"))

@@ -140,17 +140,20 @@ def _heal_job(job: JobConfig, model, base, tok, out: Path, sweep_name: str, use_
 
     def evaluate(m) -> dict:
         """The recovery curve's point: perplexity per domain, and with heal.curve_tasks the job's lm-eval
-        tasks (each task's acc and their plain mean, as in the leaderboard)."""
+        tasks (each task's accuracies and the mean of the asked tasks' primary metrics, as in the leaderboard)."""
         out = {f"ppl_{d}": r["ppl"] for d, r in domain_perplexities(m, tok, list(p.domains), ppl_spec).items()}
         if job.heal.curve_tasks and job.eval.tasks:
+            from harness.leaderboard import ACC_METRICS, task_metric
             from harness.lmeval import run_lm_eval
 
             rows, _ = run_lm_eval(m, tok, list(job.eval.tasks), limit=job.eval.limit,
                                   batch_size=job.eval.batch_size, num_fewshot=job.eval.num_fewshot)
-            accs = {t["task"]: t["value"] for t in rows if t["metric"] == "acc" and t["task"] in job.eval.tasks}
-            out.update({f"{t}/acc": v for t, v in accs.items()})
-            if accs:
-                out["acc_mean"] = sum(accs.values()) / len(accs)
+            # Every task's accuracy metrics; the mean is over the asked tasks, each in the metric its
+            # paper reports (mha2mla_eval: acc_norm_nospace), as in the leaderboard's acc_mean.
+            out.update({f"{t['task']}/{t['metric']}": t["value"] for t in rows if t["metric"] in ACC_METRICS})
+            primary = [out.get(f"{t}/{task_metric(t)}", out.get(f"{t}/acc")) for t in job.eval.tasks]
+            if primary and all(v is not None for v in primary):
+                out["acc_mean"] = sum(primary) / len(primary)
         return out
 
     run = None
@@ -193,6 +196,11 @@ def make_row(job: JobConfig, sweep_name: str, ppl: dict, acc: dict, conversion: 
     else:
         row["ranks"] = "full"
         row["ranks_per_layer"] = None
+    # calibration-robustness report (harness.reports.robustness): the seed, mha2mla's kept RoPE pairs
+    row["calib_seed"] = None if job.calib is None else job.calib.seed
+    if conversion is not None and any(l.get("k_rope_out") for l in conversion["layers"]):
+        row["rope_pairs_per_layer"] = json.dumps([[dims[: len(dims) // 2] for dims in l["rope_dims"]]
+                                                  for l in conversion["layers"]])  # (L, n_kv, p)
     for d, r in ppl.items():
         row[f"ppl_{d}"] = r["ppl"]
     row["tasks"] = ",".join(job.eval.tasks) or None  # the requested lm-eval tasks (the leaderboard's mean)

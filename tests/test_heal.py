@@ -245,6 +245,51 @@ def test_run_job_heals_and_reports(converted, tmp_path, monkeypatch):
     assert not (tmp_path / "runs" / f".{healed.job_id}.heal").exists()
 
 
+def test_curve_scores_tasks_in_their_papers_metric(converted, tmp_path, monkeypatch):
+    """With curve_tasks, each mark records every task's accuracies and acc_mean over the asked groups in
+    the metric their paper reports (mha2mla_eval: acc_norm_nospace), as the leaderboard averages them."""
+    import json
+
+    import harness.calibrate
+    import harness.evaluate
+    import harness.heal
+    import harness.lmeval
+    import harness.sweep as sweep
+    from harness.specs import BudgetConfig, CalibConfig, EvalConfig, JobConfig, MethodConfig, PplConfig, heal_config
+
+    base = tiny_model("llama")
+    stats = tiny_stats(base)
+    stats.meta.update(seconds=0.0, cached=True)
+    monkeypatch.setattr(sweep, "_base_model", lambda job: (base, None))
+    monkeypatch.setattr(harness.calibrate, "get_stats", lambda *a, **k: stats)
+    monkeypatch.setattr(harness.heal, "training_windows", lambda tok, spec, n: repeated_windows(n))
+    monkeypatch.setattr(harness.evaluate, "domain_perplexities",
+                        lambda m, tok, d, s: {x: {"ppl": 2.0, "nll": 0.7, "tokens": 1, "seconds": 0.0} for x in d})
+    calls = []
+
+    def fake_lm_eval(model, tok, tasks, **kw):
+        calls.append(tasks)
+        k = len(calls)  # a different score at each call: the curve must record each mark's own
+        return [{"task": "mha2mla_eval", "metric": "acc", "value": 0.30 + k / 100, "stderr": 0.01, "n": 10},
+                {"task": "mha2mla_eval", "metric": "acc_norm_nospace", "value": 0.40 + k / 100, "stderr": 0.01, "n": 10},
+                {"task": "mha2mla_piqa", "metric": "acc_norm_nospace", "value": 0.6, "stderr": 0.01, "n": 10},
+                {"task": "mha2mla_eval", "metric": "perplexity", "value": 9.0, "stderr": 0.1, "n": 10}], {}
+
+    monkeypatch.setattr(harness.lmeval, "run_lm_eval", fake_lm_eval)
+    job = JobConfig(model="tiny", method=MethodConfig("mha2mla"), calib=CalibConfig(), budget=BudgetConfig(kv_save=0.5),
+                    eval=EvalConfig(ppl=PplConfig(domains=("wiki",)), tasks=("mha2mla_eval",)),
+                    heal=heal_config(mode="lora", tokens=4 * 4 * SEQ, lr=1e-2, lora_rank=4, batch_size=4, seq_len=SEQ,
+                                     eval_every_tokens=[0, 4 * 4 * SEQ], curve_tasks=True))
+    (tmp_path / "runs" / "c").mkdir(parents=True)
+    sweep.run_job(job, tmp_path / "runs" / "c")
+    curve = json.loads((tmp_path / "runs" / "c" / "metrics.json").read_text())["heal"]["curve"]
+    assert len(curve) == 2 and len(calls) == 3  # two marks, then the final row's scoring
+    for k, point in enumerate(curve, start=1):
+        assert point["acc_mean"] == pytest.approx(0.40 + k / 100)  # acc_norm_nospace, not acc
+        assert point["mha2mla_eval/acc"] == pytest.approx(0.30 + k / 100)
+        assert point["mha2mla_piqa/acc_norm_nospace"] == 0.6 and "mha2mla_eval/perplexity" not in point
+
+
 # ------------------------------------------------------------------ healing as a controlled experiment
 def test_corpus_shares_follow_the_weights():
     from harness.heal import corpus_shares
