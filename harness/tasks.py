@@ -71,6 +71,28 @@ MMLU_SUBJECTS = 57
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
+# The metric a paper reports for its task group (DESIGN §9): CARE averages acc_norm (acc where lm-eval
+# defines no acc_norm), MHA2MLA lighteval's acc_norm without the leading space; everything else acc.
+PRIMARY_METRIC = (("mha2mla", "acc_norm_nospace"), ("care_eval", "acc_norm"))
+
+
+def task_metric(task: str) -> str:
+    """The metric shown and averaged for `task` (`PRIMARY_METRIC`)."""
+    return next((m for prefix, m in PRIMARY_METRIC if task.startswith(prefix)), "acc")
+
+
+def group_entries(group: str, source: str | Path = TASKS_SOURCE) -> list[str]:
+    """The entries (`task:` list) of a task group defined in `tasks/`, e.g. care_eval's eight; [] if
+    no YAML there defines it. Read from the sources, so entries left out for want of rows (RACE)
+    still count: a report can say which of them were scored."""
+    pattern = re.compile(rf"^group:\s*{re.escape(group)}\s*$", re.M)
+    for path in sorted(Path(source).rglob("*.yaml")):
+        text = path.read_text()
+        if pattern.search(text):
+            entries = yaml.safe_load(text).get("task") or []
+            return [e if isinstance(e, str) else e.get("task", "") for e in entries]
+    return []
+
 
 @dataclass(frozen=True)
 class OptionalSource:
