@@ -4,6 +4,7 @@ sweep's results folder, from its rows (a report is code; the committed report is
     mla-harness report robustness results/robustness     # DESIGN §8 (harness/reports/robustness.py)
     mla-harness report healing results/<heal sweep>      # DESIGN §10 (harness/reports/healing.py)
     mla-harness report longctx results/long-context      # DESIGN §12 (harness/reports/longctx.py)
+    mla-harness report paper results/paper-care          # DESIGN §9 (harness/reports/paper.py)
 
 One module per study, each with a plain function and `add_parser(sub)` that sets `report_func`;
 `toolkit.py` holds what they share (rows, ratios, paired uncertainties, tables, figures). Adding a
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-STUDIES = ("robustness",)  # modules of this package, each with add_parser(sub)
+STUDIES = ("robustness", "paper")  # modules of this package, each with add_parser(sub)
 
 
 def add_study_parsers(studies) -> None:
