@@ -198,3 +198,37 @@ def test_cli_no_rows_is_one_clear_error(tmp_path, capsys):
     assert main(["report", "paper", str(empty)]) == 2
     assert "no finished rows" in capsys.readouterr().err
     assert not (empty / "REPORT.md").exists()
+
+
+def test_mha2mla_protocol_claims_across_budgets(tmp_path):
+    """mha2mla_eval: the primary metric is acc_norm_nospace; the paper's claims compare budgets."""
+    folder = tmp_path / "paper-mha2mla"
+    (folder / "runs").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    cells = {("baseline", None): 0.60, ("mha2mla-2norm", 0.6875): 0.50, ("mha2mla-2norm", 0.8125): 0.40}
+    rows = []
+    for (m, kv), p in cells.items():
+        job = f"{m}-{kv}"
+        s = (rng.random(N) < p).astype(float)
+        (folder / "runs" / job).mkdir()
+        pd.DataFrame({"task": "mha2mla_piqa", "doc_id": np.arange(N), "acc": s, "acc_norm_nospace": s}).to_parquet(
+            folder / "runs" / job / "lm_eval_documents.parquet")
+        (folder / "runs" / job / "lm_eval_results.json").write_text(json.dumps(
+            {"group_weighting": {"mha2mla_eval": {"children": ["mha2mla_piqa"], "weight_by_size": False}}}))
+        rows.append({"job_id": job, "sweep": "paper-mha2mla", "status": "ok", "model": "smollm2-135m", "method": m,
+                     "budget_kv_save": kv, "kv_save": kv or 0.0, "ppl_wiki": 20.0 / p, "tasks": "mha2mla_eval",
+                     "mha2mla_piqa/acc": s.mean() - 0.01, "mha2mla_piqa/acc_norm_nospace": s.mean(),
+                     "mha2mla_eval/acc_norm_nospace": s.mean(), "mha2mla_eval/acc_norm_nospace_stderr": 0.02})
+    pd.DataFrame(rows).to_parquet(folder / "rows.parquet")
+    df = pr.load_rows(folder)
+    entries = pr.entry_columns(df, "mha2mla_eval")
+    assert entries["mha2mla_piqa"] == "mha2mla_piqa/acc_norm_nospace" and entries["mha2mla_mmlu"] is None
+    tbl = pr.paper_table(df, "mha2mla_eval", entries)
+    claims = pr.claim_rows(tbl, pr.PAPERS["mha2mla_eval"], pr.Comparisons(folder, "mha2mla_eval")).set_index("claim")
+    assert claims.loc["baseline > mha2mla-2norm @ 0.6875", "verdict"] == "reproduced"
+    assert claims.loc["mha2mla-2norm @ 0.6875 > mha2mla-2norm @ 0.8125", "verdict"] == "reproduced"
+    assert claims.loc["mha2mla-2norm @ 0.8125 > mha2mla-2norm @ 0.875", "verdict"].startswith("not measured")
+    assert main(["report", "paper", str(folder)]) == 0
+    text = (folder / "REPORT.md").read_text()
+    assert "MHA2MLA (Ji et al. 2025)" in text and "primary metric acc_norm_nospace" in text
+    assert "smollm2-135m mha2mla-2norm @ 0.875" in text and "3 finished of 13 expected" in text  # 1 + 4 selections x 3 budgets
