@@ -26,6 +26,7 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.pareto import pareto_plot, quality_columns
+from harness.tasks import ACC_METRICS, PRIMARY_METRIC, task_metric  # noqa: F401  (each paper's metric, DESIGN §9)
 
 ID_COLS = ["model", "method", "budget", "calib", "heal", "kv_quant"]
 
@@ -61,17 +62,6 @@ def _with_ratios(df: pd.DataFrame) -> pd.DataFrame:
     for c in [c for c in df.columns if c.startswith("ppl_")]:
         df[c.replace("ppl_", "ratio_")] = _against(df, c)
     return df
-
-
-# The metric a paper reports for its task group (DESIGN §9): CARE averages acc_norm (acc where lm-eval
-# defines no acc_norm), MHA2MLA lighteval's acc_norm without the leading space; everything else acc.
-PRIMARY_METRIC = (("mha2mla", "acc_norm_nospace"), ("care_eval", "acc_norm"))
-ACC_METRICS = ("acc", "acc_norm", "acc_norm_nospace")
-
-
-def task_metric(task: str) -> str:
-    """The metric shown and averaged for `task` (`PRIMARY_METRIC`)."""
-    return next((m for prefix, m in PRIMARY_METRIC if task.startswith(prefix)), "acc")
 
 
 def _metric_col(row_or_cols, task: str) -> str:
