@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-STUDIES = ("robustness",)  # modules of this package, each with add_parser(sub)
+STUDIES = ("robustness", "healing")  # modules of this package, each with add_parser(sub)
 
 
 def add_study_parsers(studies) -> None:
