@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from harness.reports import healing as hr
+from harness.reports import healing_curves as hc
 from harness.reports.toolkit import paired_log_se, read_rows
 
 M = 1_000_000
@@ -63,7 +64,8 @@ def _write(folder, parquet=True, healed=True):
                                "steps": 610, "tokens_per_s": 1000.0, "spec": SPEC}
             (run / "heal_log.json").write_text(json.dumps(
                 [{"step": s, "tokens_per_s": tps, "gpu_memory_gib": gib, "loss": 2.0, "lr": 1e-4}
-                 for s, (tps, gib) in enumerate([(10.0, 5.0), (40_000.0, 20.5), (42_000.0, 20.0), (41_000.0, 19.0), (39_000.0, 19.0)])]))
+                 for s, (tps, gib) in enumerate([(10.0, 5.0), (40_000.0, 20.5), (42_000.0, 20.0), (41_000.0, 19.0),
+                                                 (39_000.0, 19.0)])]))
         (run / "metrics.json").write_text(json.dumps(metrics))
     if parquet:
         pd.DataFrame(rows).to_parquet(folder / "rows.parquet")
@@ -89,24 +91,24 @@ def results(tmp_path):
 
 
 def test_tokens_to_reach_interpolates_linearly():
-    assert hr.tokens_to_reach([0, 5 * M, 10 * M], [0.30, 0.37, 0.39], 0.38) == pytest.approx(7.5 * M)
-    assert hr.tokens_to_reach([0, 2 * M], [0.5, 0.6], 0.4) == 0  # already there at the start
-    assert hr.tokens_to_reach([0, 2 * M, 5 * M], [0.3, 0.35, 0.34], 0.36) is None
-    assert hr.tokens_to_reach([0, 2 * M, 5 * M], [0.3, float("nan"), 0.4], 0.35) == pytest.approx(2.5 * M)
+    assert hc.tokens_to_reach([0, 5 * M, 10 * M], [0.30, 0.37, 0.39], 0.38) == pytest.approx(7.5 * M)
+    assert hc.tokens_to_reach([0, 2 * M], [0.5, 0.6], 0.4) == 0  # already there at the start
+    assert hc.tokens_to_reach([0, 2 * M, 5 * M], [0.3, 0.35, 0.34], 0.36) is None
+    assert hc.tokens_to_reach([0, 2 * M, 5 * M], [0.3, float("nan"), 0.4], 0.35) == pytest.approx(2.5 * M)
 
 
 def test_assemble_rows_win_over_curve_marks_at_the_same_tokens():
     zero = {"tokens": 0, "mark": 0, "source": "one-shot row", "acc_primary": 0.3}
     final = {"tokens": 20 * M, "mark": 20 * M, "source": "healed row", "acc_primary": 0.395}
     middle = [{"tokens": t, "mark": t, "source": "curve", "acc_primary": 0.9} for t in (0, 5 * M, 20 * M)]
-    pts = hr.assemble(zero, middle, final)
+    pts = hc.assemble(zero, middle, final)
     assert list(pts["tokens"]) == [0, 5 * M, 20 * M]
     assert list(pts["source"]) == ["one-shot row", "curve", "healed row"]
     assert list(pts["acc_primary"]) == [0.3, 0.9, 0.395]
 
 
 def test_curve_takes_zero_from_the_one_shot_row_and_final_from_the_healed_row(results):
-    st = hr.gather(results)
+    st = hc.gather(results)
     assert st.metric == "primary"
     mh = next(c for c in st.curves if c.method == "mha2mla-2norm")
     assert list(mh.points["tokens"]) == MARKS  # the curve recorded only 2M, 5M, 10M
@@ -115,7 +117,7 @@ def test_curve_takes_zero_from_the_one_shot_row_and_final_from_the_healed_row(re
     assert list(mh.points["ppl_wiki"]) == PPL["mha2mla-2norm"]
     assert mh.points["acc_primary_se"].iloc[0] == 0.01 and math.isnan(mh.points["acc_primary_se"].iloc[2])
     assert mh.throughput() == (40_000.0, 20.5)  # median tokens/s over the log's steps, peak GiB
-    ref = hr.reference_for(st.curves, mh)
+    ref = hc.reference_for(st.curves, mh)
     assert ref.method == "baseline" and ref.heal == "full-20M" and ref.job_id == "bh"  # not the untrained b0
 
 
@@ -155,7 +157,7 @@ def test_rows_from_row_json_when_rows_parquet_is_missing_or_stale(tmp_path):
     pd.DataFrame([json.loads((folder / "runs" / "b0" / "row.json").read_text())]).to_parquet(folder / "rows.parquet")
     df = read_rows(folder)
     assert len(df) == 6 and "5 finished job(s) not in rows.parquet" in df.attrs["source"]
-    assert len(hr.gather(folder).curves) == 3
+    assert len(hc.gather(folder).curves) == 3
 
 
 def _partials(plain_only=False):
@@ -170,23 +172,24 @@ def _partials(plain_only=False):
 
     spec = dict(SPEC, mode="lora", tokens=5 * M, label="lora-5M", eval_every_tokens=[0, M, 2 * M, 5 * M])
     log = [{"step": 1, "tokens_per_s": 30_000.0, "gpu_memory_gib": 11.0}]
-    return {"/root/gpu/results/heal-test/runs/.aaaaaaaaaaaa.heal": {"step": 46, "steps": 152, "tokens_seen": 1_507_328,
-                                                             "spec": spec, "log": log,
-                                                             "curve": curve("care_mla-2norm", [0.33 - 0.03 * plain_only, 0.35])},
-            "/root/gpu/results/heal-test/runs/.bbbbbbbbbbbb.heal/": {"step": 50, "steps": 152, "tokens_seen": 1_638_400,
-                                                              "spec": spec, "log": log,
-                                                              "curve": curve("baseline", [0.42 - 0.03 * plain_only, 0.42])}}
+    shift = 0.03 * plain_only  # plain acc sits 3 points below acc_norm_nospace in these rows
+    care = curve("care_mla-2norm", [0.33 - shift, 0.35])
+    base = curve("baseline", [0.42 - shift, 0.42])
+    return {"/root/gpu/results/heal-test/runs/.aaaaaaaaaaaa.heal": {
+                "step": 46, "steps": 152, "tokens_seen": 1_507_328, "spec": spec, "log": log, "curve": care},
+            "/root/gpu/results/heal-test/runs/.bbbbbbbbbbbb.heal/": {
+                "step": 50, "steps": 152, "tokens_seen": 1_638_400, "spec": spec, "log": log, "curve": base}}
 
 
 def test_partial_curves_are_found_and_drawn_dotted(results, tmp_path):
     f = tmp_path / "heal_partial.json"
     f.write_text(json.dumps(_partials()))
-    st = hr.gather(results, partial=f)
+    st = hc.gather(results, partial=f)
     care = next(c for c in st.curves if c.heal == "lora-5M" and c.method == "care_mla-2norm")
     assert care.partial_at == 1_507_328 and care.kv_save == 0.8125
     assert list(care.points["source"]) == ["one-shot row", "curve"]
     assert care.label.endswith("partial (stopped at 1.51M tokens)")
-    assert hr.reference_for(st.curves, care).job_id == "bbbbbbbbbbbb"
+    assert hc.reference_for(st.curves, care).job_id == "bbbbbbbbbbbb"
     text = hr.build_report(results, partial=f).read_text()
     line = next(l for l in text.splitlines() if l.startswith("| care_mla-2norm | -81.25% KV | lora-5M |"))
     # against the partial fine-tuned original's last point (0.42 at 1.02M): 0.35 / 0.42; 0.399 never reached
@@ -200,7 +203,7 @@ def test_partial_curves_are_found_and_drawn_dotted(results, tmp_path):
 def test_partials_from_before_the_fix_switch_the_report_to_plain_acc(results, tmp_path):
     f = tmp_path / "heal_partial.json"
     f.write_text(json.dumps(_partials(plain_only=True)))
-    st = hr.gather(results, partial=f)
+    st = hc.gather(results, partial=f)
     assert st.metric == "acc"
     mh = next(c for c in st.curves if c.method == "mha2mla-2norm" and c.heal == "full-20M")
     assert list(mh.points["acc_plain"]) == pytest.approx([a - 0.03 for a in ACC["mha2mla-2norm"]])
@@ -213,8 +216,9 @@ def test_partial_that_matches_no_job_or_another_sweep_is_left_out_with_a_note(re
     entry["curve"] = entry["curve"][1:]  # no 0-token point to recognise it by
     other = _partials()["/root/gpu/results/heal-test/runs/.bbbbbbbbbbbb.heal/"]
     f = tmp_path / "p.json"
-    f.write_text(json.dumps({"/x/heal-test/runs/.cccccccccccc.heal": entry, "/x/other-sweep/runs/.dddddddddddd.heal": other}))
-    st = hr.gather(results, partial=f)
+    f.write_text(json.dumps({"/x/heal-test/runs/.cccccccccccc.heal": entry,
+                             "/x/other-sweep/runs/.dddddddddddd.heal": other}))
+    st = hc.gather(results, partial=f)
     assert len(st.curves) == 3
     assert any("cccccccccccc" in n and "pass --sweep" in n for n in st.notes)
     assert any("dddddddddddd" in n and "another sweep's results (other-sweep)" in n for n in st.notes)
@@ -255,15 +259,15 @@ def test_partial_without_its_recipe_is_found_through_the_sweep(results, tmp_path
     f.write_text(json.dumps({f"/r/heal-test/runs/.{job.job_id}.heal": {
         "step": 70, "steps": 152, "tokens_seen": 2_293_760, "curve": [point], "tokens_per_s_last20": 31_000.0,
         "log_last": [{"step": 70, "gpu_memory_gib": 12.5}]}}))
-    st = hr.gather(results, partial=f)
+    st = hc.gather(results, partial=f)
     assert len(st.curves) == 3 and any("pass --sweep" in n for n in st.notes)
-    st = hr.gather(results, partial=f, sweep=str(tmp_path / "s.yaml"))
+    st = hc.gather(results, partial=f, sweep=str(tmp_path / "s.yaml"))
     care = next(c for c in st.curves if c.heal == "lora-5M")
     assert care.method == "care_mla-2norm" and care.kv_save == 0.8125 and care.partial_at == 2_293_760
     assert list(care.points["tokens"]) == [0, 2_015_232] and list(care.points["acc_primary"]) == [0.33, 0.37]
     assert care.throughput() == (31_000.0, 12.5) and care.spec["tokens"] == 5 * M
     # the same sweep at another budget has other job ids: that checkpoint is no job of it
-    st = hr.gather(results, partial=f, sweep=str(tmp_path / "s2.yaml"))
+    st = hc.gather(results, partial=f, sweep=str(tmp_path / "s2.yaml"))
     assert all(c.heal != "lora-5M" for c in st.curves)
     text = hr.build_report(results, partial=f, sweep=str(tmp_path / "s.yaml")).read_text()
     assert "| partial @ 2.29M |" in text and "31,000 (last 20) | 12.5 |" in text
