@@ -150,6 +150,27 @@ def test_report_numbers_against_the_fine_tuned_original(results):
     assert "not reached" not in text
 
 
+def test_perplexity_only_healing_sweep(tmp_path):
+    """A sweep without lm-eval tasks: the report compares perplexities and claims nothing about accuracy."""
+    folder = _write(tmp_path / "ppl-only")
+    rows = pd.read_parquet(folder / "rows.parquet")
+    rows = rows.drop(columns=[c for c in rows.columns if c.startswith(TASK)]).assign(tasks=None)
+    rows.to_parquet(folder / "rows.parquet")
+    for job in ("bh", "mh", "ch"):
+        f = folder / "runs" / job / "metrics.json"
+        m = json.loads(f.read_text())
+        m["heal"]["curve"] = [{k: v for k, v in c.items() if not k.startswith(TASK) and k != "acc_mean"}
+                              for c in m["heal"]["curve"]]
+        f.write_text(json.dumps(m))
+    st = hc.gather(folder)
+    assert st.metric == "none"
+    text = hr.build_report(folder).read_text()
+    assert "compares perplexities only" in text and "not reached" not in text and "tokens to 95%" not in text
+    assert not (folder / "recovery_acc.png").exists() and (folder / "recovery_ppl.png").exists()
+    line = next(l for l in text.splitlines() if l.startswith("| mha2mla-2norm |"))
+    assert f"| {20 / 16:.2f} | {10 / 8:.2f} |" in line  # last ppl / the fine-tuned original's, both domains
+
+
 def test_rows_from_row_json_when_rows_parquet_is_missing_or_stale(tmp_path):
     folder = _write(tmp_path / "nop", parquet=False)
     df = read_rows(folder)

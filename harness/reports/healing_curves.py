@@ -301,7 +301,11 @@ def tokens_to_reach(tokens: list[float], values: list[float], target: float) -> 
 
 def choose_metric(curves: list[Curve]) -> str:
     """`primary` when every curve has its paper metric at every point, else `acc` (plain accuracy,
-    which every row and curve records): one metric for the whole report, so lines compare."""
+    which every row and curve records): one metric for the whole report, so lines compare. `none`
+    where no point has a task score (a healing sweep without lm-eval tasks: perplexity only)."""
+    if not any(c.points[col].notna().any() for c in curves for col in ("acc_primary", "acc_plain")
+               if col in c.points):
+        return "none"
     for c in curves:
         if "acc_primary" not in c.points or c.points["acc_primary"].isna().any():
             return "acc"
