@@ -26,7 +26,7 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.pareto import pareto_plot, quality_columns
-from harness.tasks import PRIMARY_METRIC, task_metric  # noqa: F401 (defined there: reports use it too)
+from harness.tasks import ACC_METRICS, PRIMARY_METRIC, task_metric  # noqa: F401  (each paper's metric, DESIGN §9)
 
 ID_COLS = ["model", "method", "budget", "calib", "heal", "kv_quant"]
 
@@ -62,9 +62,6 @@ def _with_ratios(df: pd.DataFrame) -> pd.DataFrame:
     for c in [c for c in df.columns if c.startswith("ppl_")]:
         df[c.replace("ppl_", "ratio_")] = _against(df, c)
     return df
-
-
-ACC_METRICS = ("acc", "acc_norm", "acc_norm_nospace")
 
 
 def _metric_col(row_or_cols, task: str) -> str:

@@ -143,7 +143,7 @@ def _heal_job(job: JobConfig, model, base, tok, out: Path, sweep_name: str, use_
         tasks (each task's accuracies and the mean of the asked tasks' primary metrics, as in the leaderboard)."""
         out = {f"ppl_{d}": r["ppl"] for d, r in domain_perplexities(m, tok, list(p.domains), ppl_spec).items()}
         if job.heal.curve_tasks and job.eval.tasks:
-            from harness.leaderboard import ACC_METRICS, task_metric
+            from harness.tasks import ACC_METRICS, task_metric
             from harness.lmeval import run_lm_eval
 
             rows, _ = run_lm_eval(m, tok, list(job.eval.tasks), limit=job.eval.limit,

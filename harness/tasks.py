@@ -69,16 +69,19 @@ EXPECTED_ROWS: dict[str, int] = {
 }
 MMLU_SUBJECTS = 57
 
-_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
 # The metric a paper reports for its task group (DESIGN §9): CARE averages acc_norm (acc where lm-eval
 # defines no acc_norm), MHA2MLA lighteval's acc_norm without the leading space; everything else acc.
+# The leaderboard's acc_mean, the healing curve's and the healing report's all average these.
 PRIMARY_METRIC = (("mha2mla", "acc_norm_nospace"), ("care_eval", "acc_norm"))
+ACC_METRICS = ("acc", "acc_norm", "acc_norm_nospace")
 
 
 def task_metric(task: str) -> str:
     """The metric shown and averaged for `task` (`PRIMARY_METRIC`)."""
     return next((m for prefix, m in PRIMARY_METRIC if task.startswith(prefix)), "acc")
+
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def group_entries(group: str, source: str | Path = TASKS_SOURCE) -> list[str]:

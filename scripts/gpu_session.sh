@@ -68,7 +68,8 @@ studies)  # runs on after the call returns (setsid): each phase resumes where an
   echo "studies started"
   ;;
 studies2)  # session 2, on top of session 1's rows (install unpacked them): static decode re-checked, then
-  # paper-care's nine missing jobs (3 processes) beside the three full-20M healing runs at -81.25 % KV
+  # paper-care's missing jobs (one process per shard of $CARE_SHARDS; 13/15 alone is care-u at 75 %, the
+  # job at position 13 of the sweep) beside the three full-20M healing runs at -81.25 % KV
   # (the fine-tuned original, mha2mla-2norm, care_mla-2norm). Their curve is scored at 2M, 5M and 10M;
   # 0 tokens is the one-shot row and 20M the final row (same windows and documents), so no mark is scored twice.
   cd "$REPO" || exit 1
@@ -82,9 +83,9 @@ decay_frac: 0.2, weight_decay: 0.0, batch_size: 16, grad_accum: 4, seq_len: 512,
 corpora: {chat: 0.45, wiki: 0.35, code: 0.12, prose: 0.025}, eval_every_tokens: [2M, 5M, 10M], curve_tasks: true}]"
     H=(--set "budgets=[{kv_save: 0.8125}]" --set "heal=$HEAL" --set name=paper-mha2mla-heal-81)
     for i in 0 1 2; do sweep sweeps/paper-mha2mla-heal.yaml "${H[@]}" --shard $i/3 > '"$G"'/heal81.$i.log 2>&1 & done
-    for i in 0 1 2; do sweep sweeps/paper-care.yaml "${P[@]}" --shard $i/3 > '"$G"'/care2.$i.log 2>&1 & done
+    for s in '"${CARE_SHARDS:-0/3 1/3 2/3}"'; do
+      sweep sweeps/paper-care.yaml "${P[@]}" --shard $s > '"$G"'/care2.${s%/*}.log 2>&1 & done
     wait
-    python3 -m harness sweep sweeps/paper-care.yaml "${P[@]}" --results '"$R"' > '"$G"'/care.log 2>&1
     python3 -m harness sweep sweeps/paper-mha2mla-heal.yaml "${H[@]}" --results '"$R"' > '"$G"'/heal81.log 2>&1
     touch '"$G"'/studies.done
   ' > /dev/null 2>&1 < /dev/null &
@@ -92,7 +93,7 @@ corpora: {chat: 0.45, wiki: 0.35, code: 0.12, prose: 0.025}, eval_every_tokens: 
   ;;
 progress)  # where the running studies stand: last lines of each log, healing checkpoints' curves, the GPU
   tail -qn 2 "$G"/*.log 2>/dev/null | tr '\r' '\n' | grep -v '^\s*$' | tail -40
-  python3 - "$R" <<'PY'
+  python3 - "$R" "$G/heal_partial.json" <<'PY'
 import glob, json, sys, torch
 out = {}
 for p in glob.glob(sys.argv[1] + "/*/runs/.*.heal/heal_state.pt"):
@@ -102,14 +103,14 @@ for p in glob.glob(sys.argv[1] + "/*/runs/.*.heal/heal_state.pt"):
               "tokens_per_s_last20": sum(tps) / max(len(tps), 1), "log_last": st["log"][-1:]}
     print(p.split("/runs/")[-1], st["step"], "/", st["steps"], f"{out[p]['tokens_per_s_last20']:.0f} tok/s",
           [{k: round(v, 4) for k, v in c.items() if k in ("tokens", "ppl_wiki", "acc_mean")} for c in st["curve"]])
-json.dump(out, open(sys.argv[1] + "/../heal_partial.json", "w"), indent=1, default=str)
+json.dump(out, open(sys.argv[2], "w"), indent=1, default=str)
 PY
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
   ;;
 collect)
   ls "$R" 2>/dev/null; tail -3 "$G"/*.log 2>/dev/null | tail -40; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
   for d in "$R"/*; do
-    [ -d "$d" ] && tar -C "$R" --exclude='wandb' --exclude='*.tmp*' -czf "$OUT/$(basename "$d" | tr -c 'A-Za-z0-9._\n-' '_').tgz" "$(basename "$d")"
+    [ -d "$d" ] && tar -C "$R" --exclude='wandb' --exclude='*.tmp*' --exclude='.*.heal' -czf "$OUT/$(basename "$d" | tr -c 'A-Za-z0-9._\n-' '_').tgz" "$(basename "$d")"
   done
   tar -C "$G" -czf "$OUT/logs.tgz" $(cd "$G" && ls *.log lc heal_partial.json 2>/dev/null)
   ls -la "$OUT"

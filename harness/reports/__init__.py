@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-STUDIES = ("robustness", "paper")  # modules of this package, each with add_parser(sub)
+STUDIES = ("robustness", "paper", "healing")  # modules of this package, each with add_parser(sub)
 
 
 def add_study_parsers(studies) -> None:

@@ -21,21 +21,42 @@ from harness.errors import HarnessError
 
 
 # ----------------------------------------------------------------------------------- the rows
+def run_rows(results: Path) -> list[dict]:
+    """The row.json of every finished job (runs/<job_id>/; the dot-folders of failed, running or killed
+    jobs are not finished), as `mla-harness sweep` collects them into rows.parquet."""
+    runs = Path(results) / "runs"
+    done = [d for d in sorted(runs.iterdir()) if not d.name.startswith(".")] if runs.exists() else []
+    return [json.loads((d / "row.json").read_text()) for d in done if (d / "row.json").exists()]
+
+
 def read_rows(results: Path) -> pd.DataFrame:
     """The finished rows of a sweep's results folder (status ok).
 
+    From rows.parquet, or from runs/*/row.json where rows.parquet is missing or stale (a job finished
+    after the last collection, e.g. one shard of a sweep still running): `df.attrs["source"]` says which.
+
     Raises:
-        HarnessError: no rows.parquet (the sweep has not run) or no finished row.
+        HarnessError: no rows.parquet and no finished job (the sweep has not run), or no finished row.
     """
     f = Path(results) / "rows.parquet"
-    if not f.exists():
+    runs = run_rows(results)
+    if f.exists():
+        df = pd.read_parquet(f)
+        missing = {r["job_id"] for r in runs} - set(df.get("job_id", pd.Series(dtype=str)))
+        source = "rows.parquet"
+        if missing:
+            df, source = pd.DataFrame(runs), f"runs/*/row.json ({len(missing)} finished job(s) not in rows.parquet)"
+    elif runs:
+        df, source = pd.DataFrame(runs), "runs/*/row.json (no rows.parquet)"
+    else:
         raise HarnessError(f"{f} does not exist; run the sweep first (mla-harness sweep sweeps/<name>.yaml)")
-    df = pd.read_parquet(f)
     if "status" in df:
         df = df[df["status"] == "ok"]
     if not len(df):
         raise HarnessError(f"{f} has no finished rows; run the sweep (failed jobs are in runs/.<job_id>.failed)")
-    return df.reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    df.attrs["source"] = source
+    return df
 
 
 def domains(df: pd.DataFrame) -> list[str]:
