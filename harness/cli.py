@@ -268,10 +268,19 @@ def cmd_methods(a) -> int:
 
 
 def cmd_leaderboard(a) -> int:
-    """Write leaderboard.md/.csv/.html and plots/ from a results directory's rows.parquet; print the table."""
-    from harness.leaderboard import write_leaderboard
+    """Write leaderboard.md/.csv/.html and plots/ from a results directory's finished runs; print the table.
 
-    print(write_leaderboard(Path(a.results_dir), plots=not a.no_plots))
+    The runs are collected into rows.parquet first: `--shard` processes (and a sweep stopped part-way)
+    leave finished runs that no rows.parquet holds yet, and collecting never starts a job."""
+    from harness.leaderboard import write_leaderboard
+    from harness.sweep import collect_rows
+
+    results = Path(a.results_dir)
+    if not (results / "runs").is_dir() and not (results / "rows.parquet").exists():
+        raise HarnessError(f"{results} has no runs/ and no rows.parquet; give a sweep's results folder, e.g. results/quick")
+    if (results / "runs").is_dir():
+        collect_rows(results)
+    print(write_leaderboard(results, plots=not a.no_plots))
     print(f"\nwrote {Path(a.results_dir) / 'leaderboard.html'}"
           + ("" if a.no_plots else f" and {Path(a.results_dir) / 'plots'}/"))
     return 0

@@ -103,6 +103,25 @@ def test_summary_table_and_cli(results, capsys):
     assert "leaderboard.html" in capsys.readouterr().out and not (results / "plots").exists()
 
 
+def test_leaderboard_collects_sharded_runs_first(tmp_path, capsys):
+    """Shards write runs/<id>/row.json but no rows.parquet: the command collects them (never running a job)."""
+    import json
+
+    rows = synthetic_rows().to_dict("records")
+    res = tmp_path / "sweep"
+    for r in rows:
+        (res / "runs" / r["job_id"]).mkdir(parents=True)
+        (res / "runs" / r["job_id"] / "row.json").write_text(json.dumps(r, default=str))
+    (res / "runs" / ".unfinished.tmp-host-1").mkdir()  # a killed job's folder is not a row
+    assert main(["leaderboard", str(res), "--no-plots"]) == 0
+    assert sorted(pd.read_parquet(res / "rows.parquet")["job_id"]) == sorted(r["job_id"] for r in rows)
+    ok = sum(r.get("status", "ok") == "ok" for r in rows)
+    assert f"{ok} rows from" in (res / "leaderboard.md").read_text()
+    assert main(["leaderboard", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no runs/ and no rows.parquet" in err
+
+
 # ----------------------------------------------------------------------------- the browser
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 

@@ -121,6 +121,20 @@ def test_curve_takes_zero_from_the_one_shot_row_and_final_from_the_healed_row(re
     assert ref.method == "baseline" and ref.heal == "full-20M" and ref.job_id == "bh"  # not the untrained b0
 
 
+def test_one_shot_row_without_a_field_newer_rows_record_still_starts_the_curve(results):
+    """Rows written before calib_seed existed (a GPU session's carried-over one-shot rows) match the healed
+    row of the same job; a one-shot row of another calibration does not."""
+    rows = [json.loads(f.read_text()) for f in sorted((results / "runs").glob("*/row.json"))]
+    for r in rows:
+        if r["heal"] == "none":
+            r.pop("calib_seed")
+    df = pd.DataFrame(rows)
+    mh = df[df["job_id"] == "mh"].iloc[0]
+    assert hc.one_shot_of(df, hc._key(mh))["job_id"] == "m0"
+    other = df.assign(calib=df["calib"].where(df["heal"] != "none", "code"))  # one-shot rows of another corpus
+    assert hc.one_shot_of(other, hc._key(mh)) is None
+
+
 def test_report_numbers_against_the_fine_tuned_original(results):
     out = hr.build_report(results, machine="test box")
     text = out.read_text()

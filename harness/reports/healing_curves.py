@@ -162,8 +162,12 @@ def healed_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def one_shot_of(df: pd.DataFrame, key: tuple):
     """The one-shot row (heal none) with this model/method/budget/calibration key; None if absent."""
-    shot = one_shot_rows(df)
-    hits = [r for _, r in shot.iterrows() if _key(r) == key]
+    shot = [r for _, r in one_shot_rows(df).iterrows()]
+    hits = [r for r in shot if _key(r) == key]
+    # A field one row does not record (rows written before calib_seed was) matches anything; model and
+    # method always do. Exact matches win.
+    hits = hits or [r for r in shot if _key(r)[:2] == key[:2]
+                    and all(a == b or "" in (a, b) for a, b in zip(_key(r), key))]
     return hits[-1] if hits else None
 
 
