@@ -331,6 +331,8 @@ def make_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
         conv = m[m["method"] != "baseline"]
         base = m[(m["method"] == "baseline") & m["heal"].isin(["none", "-"]) & _unquantized(m)]
         several_calib = conv["calib"].nunique() > 1
+        if conv.empty:  # only baseline rows (a sweep just started): nothing to draw for this model
+            continue
         conv = conv.assign(series=conv.apply(_series_label, axis=1, several_calib=several_calib))
         # perplexity vs KV save
         if ppl_cols and len(conv):

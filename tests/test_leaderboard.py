@@ -82,6 +82,14 @@ def test_one_calibration_corpus_means_no_heatmap(results):
     assert sorted(p.name for p in (results / "plots").iterdir()) == ["ppl_vs_kv_model-a.png", "ranks_model-a.png"]
 
 
+def test_baseline_only_sweep_gets_a_leaderboard_without_plots(results):
+    """A sweep whose only finished row is the baseline (it has just started) still publishes."""
+    df = synthetic_rows()
+    df[df["method"] == "baseline"].to_parquet(results / "rows.parquet", index=False)
+    md = write_leaderboard(results)
+    assert "| baseline |" in md and not list((results / "plots").glob("*.png"))
+
+
 def test_mean_accuracy_uses_the_requested_tasks_and_folds_subtasks():
     row = {"job_id": "x", "status": "ok", "model": "m", "method": "baseline", "kv_save": 0.0, "tasks": "mla_core",
            "mla_core/acc": 0.5, "mmlu/acc": 0.3, "mmlu_anatomy/acc": 0.2, "mmlu_virology/acc": 0.4,
