@@ -277,7 +277,8 @@ def cmd_leaderboard(a) -> int:
 
     results = Path(a.results_dir)
     if not (results / "runs").is_dir() and not (results / "rows.parquet").exists():
-        raise HarnessError(f"{results} has no runs/ and no rows.parquet; give a sweep's results folder, e.g. results/quick")
+        raise HarnessError(f"{results} has no runs/ and no rows.parquet: run the sweep first "
+                           "(mla-harness sweep sweeps/<name>.yaml), or give a sweep's results folder, e.g. results/quick")
     if (results / "runs").is_dir():
         collect_rows(results)
     print(write_leaderboard(results, plots=not a.no_plots))
