@@ -203,15 +203,11 @@ def test_heal_none_keeps_job_ids():
     assert [j.job_id for j in a.jobs] == [j.job_id for j in b.jobs]
 
 
-def test_run_job_heals_and_reports(converted, tmp_path, monkeypatch):
-    """The sweep's run_job: one-shot and healed rows side by side, curve in metrics, checkpoint cleaned up."""
-    import json
-
+def _sweep_on_a_tiny_model(monkeypatch):
+    """run_job on a tiny Llama: its base model, cached statistics and the repeated training phrase."""
     import harness.calibrate
-    import harness.evaluate
     import harness.heal
     import harness.sweep as sweep
-    from harness.specs import BudgetConfig, CalibConfig, EvalConfig, JobConfig, MethodConfig, PplConfig, heal_config
 
     base = tiny_model("llama")
     stats = tiny_stats(base)
@@ -219,6 +215,18 @@ def test_run_job_heals_and_reports(converted, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "_base_model", lambda job: (base, None))
     monkeypatch.setattr(harness.calibrate, "get_stats", lambda *a, **k: stats)
     monkeypatch.setattr(harness.heal, "training_windows", lambda tok, spec, n: repeated_windows(n))
+    return base
+
+
+def test_run_job_heals_and_reports(converted, tmp_path, monkeypatch):
+    """The sweep's run_job: one-shot and healed rows side by side, curve in metrics, checkpoint cleaned up."""
+    import json
+
+    import harness.evaluate
+    import harness.sweep as sweep
+    from harness.specs import BudgetConfig, CalibConfig, EvalConfig, JobConfig, MethodConfig, PplConfig, heal_config
+
+    base = _sweep_on_a_tiny_model(monkeypatch)
 
     def fake_ppl(model, tok, domains, spec):  # the tiny model has no tokenizer
         ids = repeated_windows(2)  # the training phrase: healing must lower it
@@ -250,19 +258,12 @@ def test_curve_scores_tasks_in_their_papers_metric(converted, tmp_path, monkeypa
     the metric their paper reports (mha2mla_eval: acc_norm_nospace), as the leaderboard averages them."""
     import json
 
-    import harness.calibrate
     import harness.evaluate
-    import harness.heal
     import harness.lmeval
     import harness.sweep as sweep
     from harness.specs import BudgetConfig, CalibConfig, EvalConfig, JobConfig, MethodConfig, PplConfig, heal_config
 
-    base = tiny_model("llama")
-    stats = tiny_stats(base)
-    stats.meta.update(seconds=0.0, cached=True)
-    monkeypatch.setattr(sweep, "_base_model", lambda job: (base, None))
-    monkeypatch.setattr(harness.calibrate, "get_stats", lambda *a, **k: stats)
-    monkeypatch.setattr(harness.heal, "training_windows", lambda tok, spec, n: repeated_windows(n))
+    base = _sweep_on_a_tiny_model(monkeypatch)
     monkeypatch.setattr(harness.evaluate, "domain_perplexities",
                         lambda m, tok, d, s: {x: {"ppl": 2.0, "nll": 0.7, "tokens": 1, "seconds": 0.0} for x in d})
     calls = []
