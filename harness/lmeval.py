@@ -472,8 +472,9 @@ def per_document(raw: dict) -> list[dict]:
 
 def group_weighting(raw: dict, manager) -> dict[str, dict]:
     """{group: {"children": [...], "weight_by_size": bool}}: how each group's score is made of its
-    children's, as lm-eval computed it (weight_by_size from the group's aggregate_metric_list; a group
-    with none is the plain mean over its direct entries, `add_entry_means`)."""
+    children's, as lm-eval computed it (weight_by_size from the group's aggregate_metric_list, found
+    through its `include:` chain, e.g. our mmlu includes the stock one that weights subjects by size;
+    a group with none is the plain mean over its direct entries, `add_entry_means`)."""
     import yaml
 
     out = {}
@@ -486,7 +487,13 @@ def group_weighting(raw: dict, manager) -> dict[str, dict]:
                 pass
 
             _Loader.add_constructor("!function", lambda loader, node: None)
-            cfg = yaml.load(Path(path).read_text(), Loader=_Loader) or {}  # noqa: S506 (a SafeLoader subclass)
+            cfg, seen = {}, set()
+            while path is not None and Path(path) not in seen:  # follow `include:` as lm-eval does
+                seen.add(Path(path))
+                part = yaml.load(Path(path).read_text(), Loader=_Loader) or {}  # noqa: S506 (a SafeLoader subclass)
+                cfg = {**part, **cfg}  # the including file's keys win
+                inc = part.get("include")
+                path = None if inc is None else (Path(inc) if Path(inc).is_absolute() else Path(path).parent / inc)
             aggs = cfg.get("aggregate_metric_list") or []
             by_size = bool(aggs) and all(a.get("weight_by_size", True) for a in aggs)
         out[group] = {"children": list(children), "weight_by_size": by_size}

@@ -107,3 +107,25 @@ def test_paper_groups_are_shown_and_averaged_in_their_papers_metric():
     lb = leaderboard_frame(df)
     assert lb.loc[0, "acc_mean"] == 0.45 and lb.loc[0, "acc_mean_stderr"] == pytest.approx(0.01)
     assert "45.0 ± 1.0" in summary_table(df)
+
+
+def test_group_weighting_follows_the_include_chain(tmp_path):
+    """A group file that only includes the stock one (our mmlu) is weighted as the stock file says; a group
+    with no aggregate list anywhere in its chain is a plain mean; an include cycle ends."""
+    from types import SimpleNamespace
+
+    from harness.lmeval import group_weighting
+
+    stock = tmp_path / "stock"
+    stock.mkdir()
+    (stock / "_g.yaml").write_text("group: g\ntask: [a, b]\naggregate_metric_list:\n"
+                                   "  - {metric: acc, weight_by_size: true}\n")
+    (tmp_path / "g.yaml").write_text(f"include: {stock / '_g.yaml'}\ngroup: g\n")  # absolute, as rendered
+    (tmp_path / "h.yaml").write_text("include: stock/_g.yaml\ngroup: h\n")  # relative to the file
+    (tmp_path / "plain.yaml").write_text("group: plain\ntask: [a, b]\n")
+    (tmp_path / "loop.yaml").write_text("include: loop.yaml\ngroup: loop\n")
+    manager = SimpleNamespace(task_index={n: SimpleNamespace(yaml_path=str(tmp_path / f"{n}.yaml"))
+                                          for n in ("g", "h", "plain", "loop")})
+    raw = {"group_subtasks": {n: ["a", "b"] for n in ("g", "h", "plain", "loop")}}
+    w = group_weighting(raw, manager)
+    assert [w[n]["weight_by_size"] for n in ("g", "h", "plain", "loop")] == [True, True, False, False]
