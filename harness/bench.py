@@ -472,6 +472,74 @@ def gpu_suite(contexts: list[int], batches: list[int], new_tokens: int, layers: 
     return text, rows
 
 
+# ----------------------------------------------------------------------------- where a step's time goes
+KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins; names differ across torch builds
+    ("fused latent attention (Triton)", ("latent_decode", "_split_kernel", "_combine_kernel")),
+    ("matmul (weights, absorptions)", ("gemm", "gemv", "cutlass", "cublas", "sm90_xmma", "nvjet", "matmul")),
+    ("attention (SDPA)", ("flash", "fmha", "attention")),
+    ("norm / RoPE / elementwise", ("elementwise", "vectorized", "norm", "reduce", "cat", "copy", "index",
+                                   "softmax", "mul", "add")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_decode(B: int, T: int, steps: int, layers: int, kv_save: float, device: str,
+                   shapes: dict = LLAMA_8B) -> tuple[str, dict]:
+    """One (batch, context) point of the converted model: the step time under its CUDA graph, then
+    `steps` eager steps under torch.profiler, device time by kernel kind and the top kernels, against
+    the memory-bound floor. Eager steps launch the same kernels the graph replays (the graph removes
+    launch gaps, not kernel time), so the kernel table says where the graph's step time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import StaticCache
+
+    from harness.mla import accounted_width
+    from harness.mla.static import StaticDecoder
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bw = measure_bandwidth(device, 1024 if device == "cuda" else 64)
+    model = _llama_shapes("mha2mla", kv_save, "absorbed", device, dtype, layers, shapes)
+    wb = weight_bytes_per_step(model)
+    esize = next(model.parameters()).element_size()
+    floor_ms = 1e3 * (wb + B * T * accounted_width(model) * esize) / bw
+    graphed = decode_static(model, B, T, steps, graphs=device == "cuda")
+    cache = StaticCache(config=model.config, max_cache_len=T + steps + 3)
+    fill_cache(model, cache, B, T)
+    dec = StaticDecoder(model, cache, B)
+    dec.start(torch.randint(0, min(1000, model.config.vocab_size), (B, 1), device=device), T)
+    for _ in range(2):
+        dec.step()
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.no_grad(), profile(activities=acts) as prof:
+        for _ in range(steps):
+            dec.step()
+        _sync(device)
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if device == "cuda":  # kernels only (their names are not aten ops); on CPU the ops stand in
+        events = [e for e in events if not e.key.startswith("aten::")]
+    per_step = {e.key: getattr(e, attr) / 1e3 / steps for e in events}  # ms per step
+    kinds: dict[str, float] = {}
+    for k, ms in per_step.items():
+        kinds[kernel_kind(k)] = kinds.get(kernel_kind(k), 0.0) + ms
+    total = sum(per_step.values())
+    lines = [f"Converted model (kv_save {kv_save}, absorbed, fused kernel) at batch {B} x context {T}, {layers} "
+             f"layers, {str(dtype).replace('torch.', '')}: step {graphed['step_ms']:.2f} ms under the CUDA graph; "
+             f"memory-bound floor {floor_ms:.2f} ms (weights {wb / 2**30:.2f} GiB + cache "
+             f"{B * T * accounted_width(model) * esize / 2**30:.2f} GiB at {bw / 1e12:.2f} TB/s); device time of "
+             f"the kernels in {steps} eager steps: {total:.2f} ms per step.", "",
+             "| kernel kind | ms per step | share of kernel time |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.2f} | {100 * v / total:.0f}% |" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines += ["", "| kernel (top 12) | kind | ms per step |", "|---|---|---|"]
+    lines += [f"| `{k[:90]}` | {kernel_kind(k)} | {v:.3f} |"
+              for k, v in sorted(per_step.items(), key=lambda kv: -kv[1])[:12]]
+    return "\n".join(lines), {"step_ms": graphed["step_ms"], "floor_ms": floor_ms, "kernel_ms": total, "kinds": kinds}
+
+
 def gpu_table(rows: list[dict], total_mem: int | None) -> str:
     lines = ["| model | decode | batch | context | tok/s | vs original | floor tok/s | share of floor | step ms | "
              "cache bytes/token | peak mem |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -511,7 +579,9 @@ def write_section(report: Path, suite: str, text: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--suite", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--suite", default="cpu", choices=["cpu", "gpu", "profile"],
+                   help="profile: where one decode step of the converted model spends its time (--point)")
+    p.add_argument("--point", default="16,32768", help="profile suite: batch,context")
     p.add_argument("--contexts", default=None, help="comma-separated context lengths")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (gpu default 1,16,64)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode steps timed (cpu 16, gpu 32)")
@@ -526,6 +596,15 @@ def main(argv=None) -> int:
     cmd = "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.suite == "cpu":
         body = cpu_suite([int(x) for x in (a.contexts or "2048,8192").split(",")], a.new_tokens or 16)
+    elif a.suite == "profile":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and a.shapes != "smoke":
+            from harness.errors import HarnessError
+
+            raise HarnessError("the profile suite needs CUDA; on a CPU machine use --shapes smoke to check its code path")
+        B, T = (int(x) for x in a.point.split(","))
+        body, rows = profile_decode(B, T, a.new_tokens or 8, a.layers, a.kv_save, device,
+                                    SMOKE if a.shapes == "smoke" else LLAMA_8B)
     else:
         smoke = a.shapes == "smoke"
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -29,3 +29,21 @@ def test_gpu_table_says_what_did_not_fit():
     t = gpu_table(rows, int(79.2 * 2**30))
     assert "OOM (does not fit in 79.2 GiB)" in t and "nan" not in t
     assert "| 800.0 | original OOM | 1500 | 53% |" in t
+
+
+def test_profile_sorts_kernels_by_kind_and_runs_on_cpu():
+    from harness.bench import kernel_kind, profile_decode
+
+    assert kernel_kind("_split_kernel_0d1d2d") == "fused latent attention (Triton)"
+    assert kernel_kind("_combine_kernel") == "fused latent attention (Triton)"
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul (weights, absorptions)"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, ...>") == "norm / RoPE / elementwise"
+    assert kernel_kind("some_new_kernel") == "other"
+    threads = torch.get_num_threads()
+    try:
+        text, r = profile_decode(2, 40, 2, 1, 0.75, "cpu", SMOKE)
+    finally:
+        torch.set_num_threads(threads)
+    assert r["step_ms"] > 0 and r["floor_ms"] > 0 and r["kernel_ms"] > 0
+    assert abs(sum(r["kinds"].values()) - r["kernel_ms"]) < 1e-9  # every kernel counted once
+    assert "| kernel kind | ms per step |" in text
