@@ -153,7 +153,7 @@ def cmd_eval(a) -> int:
     kv = out["kv"]
     print(f"KV cache: {kv['cache_width']} elements/token ({kv['bytes_per_token']} bytes), save {kv['kv_save']:.4f}")
     if a.json:
-        from harness.sweep import atomic_write_text
+        from harness.paths import atomic_write_text
 
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(a.json), json.dumps(out, indent=2, default=str))

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.paths import atomic_write_text, save_figure
 from harness.pareto import pareto_plot, quality_columns
 from harness.tasks import ACC_METRICS, PRIMARY_METRIC, task_metric  # noqa: F401  (each paper's metric, DESIGN §9)
 
@@ -319,12 +320,7 @@ def make_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     ppl_cols = sorted(c for c in ok.columns if c.startswith("ppl_"))
 
     def save(fig, name):
-        p = out_dir / name
-        tmp = out_dir / f".{name}.tmp{os.getpid()}.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, p)
-        paths.append(p)
+        paths.append(save_figure(fig, out_dir / name))
 
     for model, m in ok.groupby("model", sort=True):
         slug = _slug(model)
@@ -456,12 +452,6 @@ def render_html(lb: pd.DataFrame, title: str, images: list[Path] = (), note: str
             + f"<script>{_JS}</script>\n</body></html>\n")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_leaderboard(results: Path, plots: bool = True) -> str:
     """Write leaderboard.md, .csv, .html (and plots/) beside rows.parquet; return the markdown table."""
     results = Path(results)
@@ -480,9 +470,9 @@ def write_leaderboard(results: Path, plots: bool = True) -> str:
         pareto = pareto_plot(df, quality_columns(df), results / "plots" / "pareto_bytes.png",
                              f"{results.name}: quality vs KV-cache bytes")
         images += [pareto] if pareto else []
-    _atomic_write(results / "leaderboard.md", f"# Leaderboard: {results.name}\n\n{note} {LEGEND}\n\n{md}\n")
+    atomic_write_text(results / "leaderboard.md", f"# Leaderboard: {results.name}\n\n{note} {LEGEND}\n\n{md}\n")
     tmp = results / f".leaderboard.csv.tmp{os.getpid()}"
     full.to_csv(tmp, index=False)  # the table's rows, every column
     os.replace(tmp, results / "leaderboard.csv")
-    _atomic_write(results / "leaderboard.html", render_html(lb, f"Leaderboard: {results.name}", images, note))
+    atomic_write_text(results / "leaderboard.html", render_html(lb, f"Leaderboard: {results.name}", images, note))
     return md

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.paths import cache_root
+from harness.paths import cache_root, rename_into_place
 from harness.errors import HarnessError
 
 RESULTS_FILE = "lm_eval_results.json"
@@ -258,11 +258,7 @@ def tokenizer_dir(tokenizer) -> Path:
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
         final = root / digest.hexdigest()[:16]
         if not final.is_dir():
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another process saved the same tokenizer first
-                if not final.is_dir():
-                    raise
+            rename_into_place(tmp, final)  # or keep another process's copy of the same tokenizer
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

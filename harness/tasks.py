@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from harness.paths import cache_root
+from harness.paths import cache_root, rename_into_place
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
@@ -382,11 +382,7 @@ def build_benchmarks(force: bool = False) -> Path:
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         if force and final.exists():
             shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: its copy is identical
-            if not (final / "manifest.json").exists():
-                raise
+        rename_into_place(tmp, final, complete="manifest.json")  # or keep another process's identical copy
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if bars_were_on:
@@ -559,11 +555,7 @@ def render_tasks(source: str | Path = TASKS_SOURCE, benchmarks: str | Path | Non
         for rel, text in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(text)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process rendered the same folder first
-            if not final.is_dir():
-                raise
+        rename_into_place(tmp, final)  # or keep another process's rendering of the same folder
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -17,3 +17,16 @@ def smollm_tokenizer():
 
     folder = list(spec.submodule_search_locations)[0]
     return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM_GGUF)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(smollm_tokenizer):
+    """A random 2-layer Llama over SmolLM2's vocabulary: lm-eval and RULER plumbing without the real weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm_tokenizer), hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                         max_position_embeddings=2048)
+    return LlamaForCausalLM(config)

@@ -33,18 +33,6 @@ def tok_dir(smollm_tokenizer):
     return str(tokenizer_dir(smollm_tokenizer))
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(smollm_tokenizer):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm_tokenizer), hidden_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                         max_position_embeddings=2048)
-    return LlamaForCausalLM(config)
-
-
 def test_long_context_runs_offline_on_a_fresh_cache(tiny_llama, smollm_tokenizer, tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("MLA_HARNESS_CACHE", str(tmp_path / "cache"))
     assert ruler.ensure_punkt() == tmp_path / "cache" / "nltk_data"  # NLTK's model, written fresh

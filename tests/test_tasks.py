@@ -196,18 +196,6 @@ def test_mla_core_average_counts_each_entry_once():
     assert "mla_core" in raw["groups"]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(smollm_tokenizer):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm_tokenizer), hidden_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                         max_position_embeddings=2048)
-    return LlamaForCausalLM(config)
-
-
 def test_tiny_llama_scores_arc_easy_and_piqa(tiny_llama, smollm_tokenizer, tmp_path):
     was_training = tiny_llama.training
     rows, raw = run_lm_eval(tiny_llama, smollm_tokenizer, ["arc_easy", "piqa"], limit=8, batch_size=8,

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.paths import atomic_write_text, save_figure
 from harness.pareto import higher_is_better, pareto_plot, point_label, quality_columns
 
 EPS = 1e-9
@@ -150,12 +150,7 @@ def ruler_plot(df: pd.DataFrame, path: Path) -> Path | None:
     ax.set_ylabel("RULER (long_context), mean of 13 tasks, %")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, ncol=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(results: Path, machine: str = "") -> Path:
@@ -183,9 +178,7 @@ def write_report(results: Path, machine: str = "") -> Path:
     lines += answers(df, cols)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     path = results / "REPORT.md"
-    tmp = results / f".REPORT.md.tmp{os.getpid()}"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

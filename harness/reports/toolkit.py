@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.paths import atomic_write_text, save_figure  # noqa: F401 (the reports import them from here)
 
 
 # ----------------------------------------------------------------------------------- the rows
@@ -136,25 +136,6 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path, dpi: int = 110) -> Path:
-    """Write `fig` to `path` atomically (a temp file renamed into place) and close it."""
-    plt = pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-    finally:
-        plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def regenerate_line(study: str, results: Path) -> str:
