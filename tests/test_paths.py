@@ -14,7 +14,8 @@ def test_rename_into_place_keeps_a_complete_copy_and_refuses_an_incomplete_one(t
     rename_into_place(first, final, complete="manifest.json")
     rename_into_place(second, final, complete="manifest.json")  # lost the race: the first copy stays
     assert (final / "manifest.json").read_text() == ".a.tmp" and second.exists()
-    (final / "manifest.json").unlink()  # the folder there is incomplete: the error stands
+    (final / "partial").write_text("x")  # a non-empty folder there without its manifest: incomplete,
+    (final / "manifest.json").unlink()  # so the rename's error stands
     with pytest.raises(OSError):
         rename_into_place(second, final, complete="manifest.json")
 
