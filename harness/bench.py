@@ -327,12 +327,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def decode_static(model, B: int, T: int, N: int, graphs: bool = True) -> dict:
-    """N greedy steps after T cached tokens: StaticCache + (CUDA graph of the step); time and memory."""
+def _static_decoder(model, B: int, T: int, N: int):
+    """A StaticDecoder over a StaticCache holding T random tokens per row, started for N more steps."""
     from transformers import StaticCache
 
-    from harness.mla.cache import cache_bytes
     from harness.mla.static import StaticDecoder
 
     device = next(model.parameters()).device.type
@@ -340,6 +338,16 @@ def decode_static(model, B: int, T: int, N: int, graphs: bool = True) -> dict:
     fill_cache(model, cache, B, T)
     dec = StaticDecoder(model, cache, B)
     dec.start(torch.randint(0, min(1000, model.config.vocab_size), (B, 1), device=device), T)
+    return dec, cache
+
+
+@torch.no_grad()
+def decode_static(model, B: int, T: int, N: int, graphs: bool = True) -> dict:
+    """N greedy steps after T cached tokens: StaticCache + (CUDA graph of the step); time and memory."""
+    from harness.mla.cache import cache_bytes
+
+    device = next(model.parameters()).device.type
+    dec, cache = _static_decoder(model, B, T, N)
     if graphs and device == "cuda":
         dec.capture(warmup=2)
     else:
@@ -494,10 +502,8 @@ def profile_decode(B: int, T: int, steps: int, layers: int, kv_save: float, devi
     the memory-bound floor. Eager steps launch the same kernels the graph replays (the graph removes
     launch gaps, not kernel time), so the kernel table says where the graph's step time goes."""
     from torch.profiler import ProfilerActivity, profile
-    from transformers import StaticCache
 
     from harness.mla import accounted_width
-    from harness.mla.static import StaticDecoder
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     bw = measure_bandwidth(device, 1024 if device == "cuda" else 64)
@@ -506,10 +512,7 @@ def profile_decode(B: int, T: int, steps: int, layers: int, kv_save: float, devi
     esize = next(model.parameters()).element_size()
     floor_ms = 1e3 * (wb + B * T * accounted_width(model) * esize) / bw
     graphed = decode_static(model, B, T, steps, graphs=device == "cuda")
-    cache = StaticCache(config=model.config, max_cache_len=T + steps + 3)
-    fill_cache(model, cache, B, T)
-    dec = StaticDecoder(model, cache, B)
-    dec.start(torch.randint(0, min(1000, model.config.vocab_size), (B, 1), device=device), T)
+    dec, _ = _static_decoder(model, B, T, steps)  # a second one, not captured: eager steps to profile
     for _ in range(2):
         dec.step()
     _sync(device)
