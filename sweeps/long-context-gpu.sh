@@ -5,7 +5,10 @@
 # are the full sweep's (a part only narrows the grid) and results live in $RESULTS (outside $OUT), so
 # running the script again on the same machine resumes: finished jobs are skipped.
 #   OUT=/some/dir bash sweeps/long-context-gpu.sh   # -> $OUT/long-context/{REPORT.md,leaderboard.*,rows.parquet,runs/}
+# STEP=parts prints each part's command line instead of running it (for a job queue that shares the GPU
+# with other sweeps: scripts/gpu_session.sh queue); STEP=collect runs only the final collect and report.
 set -u
+STEP=${STEP:-all}
 OUT=${OUT:?set OUT to the output folder}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 export MLA_HARNESS_CACHE=${MLA_HARNESS_CACHE:-/tmp/mla-harness-cache}  # benchmarks, statistics: not in $OUT
@@ -20,6 +23,14 @@ mkdir -p "$R" "$OUT/logs"
 part() {  # part NAME --set ...: one process over a slice of the grid
   local name=$1
   shift
+  if [ "$STEP" = parts ]; then  # one line a queue can run: same command, its log beside the others
+    printf 'timeout %q %q -m harness sweep %q --results %q --no-leaderboard --set name=long-context' \
+      "$LIMIT" "$PY" "$S" "$R"
+    printf ' %q' "$@"
+    printf ' > %q 2>&1\n' "$OUT/logs/$name.log"
+    return
+  fi
+  [ "$STEP" = collect ] && return
   timeout "$LIMIT" "$PY" -m harness sweep "$S" --results "$R" --no-leaderboard --set name=long-context "$@" \
     > "$OUT/logs/$name.log" 2>&1 &
 }
@@ -33,6 +44,7 @@ for m in care_joint care_mla mha2mla; do
   part "$m-75" "${one[@]}" --set 'budgets=[{kv_save: 0.75}]' --set "kv_quant=[none, $Q8]"
   part "$m-87.5" "${one[@]}" --set 'budgets=[{kv_save: 0.875}]' --set "kv_quant=[none, $Q4]"
 done
+[ "$STEP" = parts ] && exit 0
 wait
 "$PY" -m harness sweep "$S" --results "$R" --dry-run > "$OUT/logs/collect.log" 2>&1  # rows.parquet of all jobs
 "$PY" -m harness leaderboard "$R/long-context" > "$OUT/logs/leaderboard.log" 2>&1
