@@ -128,7 +128,8 @@ def tune_point(shape: dict, B: int, T: int, device: str, dtype, bandwidth: float
     for axis, overrides in (axes or SEARCH_AXES):
         for cfg in axis_candidates(best, overrides, H):
             r = run(cfg, f"search: {axis}")
-            if r.get("ok") and (not best_row.get("ok") or r["ms"] < best_row["ms"]):
+            usable = r.get("ok") and "fell_back_to" not in r  # a fallback is timed as its own candidate
+            if usable and (not best_row.get("ok") or "fell_back_to" in best_row or r["ms"] < best_row["ms"]):
                 best, best_row = cfg, r
     key = shape_key(*args[:5])
     winner = {**best_row, "shape_key": asdict(key)}

@@ -27,6 +27,7 @@ Why these knobs (the kernel reads the latent cache once; its speed is bytes read
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -86,6 +87,7 @@ class DecodeConfig:
         return cls(**d)
 
 
+@functools.lru_cache(maxsize=4096)  # called per layer per eager step: keep it off the host's critical path
 def wave_splits(B: int, S: int, sms: int, head_groups: int = 1, waves: float = 2.0,
                 min_tokens: int = 256) -> int:
     """Context splits per batch row so that B x head_groups x splits programs fill whole waves of
