@@ -3,6 +3,7 @@
     python -m harness.bench                      # CPU suite on SmolLM2 -> results/bench/REPORT.md
     python -m harness.bench --suite gpu          # GPU suite: random Llama-3.1-8B shapes
     python -m harness.bench --suite cpu --contexts 2048,8192 --new-tokens 32
+    python -m harness.bench --suite kernel --points 1,32768 16,32768   # the decode kernel's launch configs
 
 Every figure is reported beside the original model's, measured in the same run. CPU decode
 measurements run in fresh subprocesses; peak memory is the rise of the process's peak RSS over
@@ -582,9 +583,16 @@ def write_section(report: Path, suite: str, text: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--suite", default="cpu", choices=["cpu", "gpu", "profile"],
-                   help="profile: where one decode step of the converted model spends its time (--point)")
+    p.add_argument("--suite", default="cpu", choices=["cpu", "gpu", "profile", "kernel"],
+                   help="profile: where one decode step of the converted model spends its time (--point); "
+                        "kernel: the fused decode kernel's launch configurations timed alone (--points)")
     p.add_argument("--point", default="16,32768", help="profile suite: batch,context")
+    p.add_argument("--points", nargs="+", default=None,
+                   help="kernel suite: batch,context points (default 1,32768 16,16384 16,32768 64,4096; "
+                        "smoke 1,40 2,100)")
+    p.add_argument("--reps", type=int, default=None, help="kernel suite: timed reps per configuration (30)")
+    p.add_argument("--save-tuned", action="store_true",
+                   help="kernel suite: write each point's best configuration to harness/kernels/decode_tuned.json")
     p.add_argument("--contexts", default=None, help="comma-separated context lengths")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (gpu default 1,16,64)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode steps timed (cpu 16, gpu 32)")
@@ -593,11 +601,36 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="llama-3.1-8b", choices=["llama-3.1-8b", "smoke"],
                    help="gpu suite model shapes; smoke: a tiny Llama that runs the code path on CPU")
     p.add_argument("--out", default=str(REPORT))
-    p.add_argument("--json", default=None, help="also write the gpu suite's rows here")
+    p.add_argument("--json", default=None, help="also write the gpu or kernel suite's rows here")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cmd = "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    if a.suite == "cpu":
+    rows = None
+    if a.suite == "kernel":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        smoke = a.shapes == "smoke"
+        try:
+            points = [tuple(int(v) for v in x.split(",")) for x in
+                      (a.points or (["1,40", "2,100"] if smoke else ["1,32768", "16,16384", "16,32768", "64,4096"]))]
+            assert all(len(pt) == 2 and min(pt) > 0 for pt in points)
+        except (ValueError, AssertionError):
+            from harness.errors import HarnessError
+
+            raise HarnessError(f"--points takes batch,context pairs such as 16,32768; got {a.points}") from None
+        if device == "cpu":
+            if not smoke:
+                from harness.errors import HarnessError
+
+                raise HarnessError("the kernel suite needs CUDA; on a CPU machine use --shapes smoke (Triton interpreter)")
+            from harness.triton_interpreter import use_interpreter
+
+            use_interpreter()  # before the kernels are imported
+            torch.set_num_threads(1)
+        from harness.kernel_bench import kernel_suite
+
+        body, rows = kernel_suite(points, a.kv_save, device, SMOKE if smoke else LLAMA_8B, smoke, a.reps,
+                                  a.save_tuned)
+    elif a.suite == "cpu":
         body = cpu_suite([int(x) for x in (a.contexts or "2048,8192").split(",")], a.new_tokens or 16)
     elif a.suite == "profile":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -618,11 +651,11 @@ def main(argv=None) -> int:
         body, rows = gpu_suite([int(x) for x in (a.contexts or "4096,16384,32768").split(",")],
                                [int(x) for x in (a.batches or "1,16,64").split(",")], a.new_tokens or 32,
                                a.layers, a.kv_save, device, SMOKE if smoke else LLAMA_8B)
-        if a.json:
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(a.json).with_suffix(".tmp")
-            tmp.write_text(json.dumps(rows, indent=1))
-            os.replace(tmp, a.json)
+    if a.json and rows is not None:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(a.json).with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        os.replace(tmp, a.json)
     head = (f"## {a.suite.upper()} suite\n\nCommand: `{cmd.strip()}`  \nMachine: {platform.node()} "
             f"({os.cpu_count()} CPUs, torch {torch.__version__})  \nDate: {time.strftime('%Y-%m-%d')}\n")
     out = Path(a.out)

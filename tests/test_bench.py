@@ -47,3 +47,38 @@ def test_profile_sorts_kernels_by_kind_and_runs_on_cpu():
     assert r["step_ms"] > 0 and r["floor_ms"] > 0 and r["kernel_ms"] > 0
     assert abs(sum(r["kinds"].values()) - r["kernel_ms"]) < 1e-9  # every kernel counted once
     assert "| kernel kind | ms per step |" in text
+
+
+def test_kernel_suite_smoke_under_triton_interpreter(tmp_path):
+    """`--suite kernel --shapes smoke`: every configuration of the search runs, matches the reference,
+    and the report section, the JSON rows and the saved winners are written (a subprocess: the
+    interpreter must be on before the kernels are imported)."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    root = Path(__file__).resolve().parents[1]
+    tuned = tmp_path / "tuned.json"
+    code = ("import sys; from harness.kernels import decode_config as dc; dc.TUNED_FILE = dc.Path(sys.argv[1]); "
+            "from harness.bench import main; sys.exit(main(sys.argv[2:]))")
+    args = ["--suite", "kernel", "--shapes", "smoke", "--points", "2,100", "--save-tuned",
+            "--out", str(tmp_path / "R.md"), "--json", str(tmp_path / "k.json")]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TRITON_INTERPRET": "1"}
+    p = subprocess.run([sys.executable, "-c", code, str(tuned), *args], capture_output=True, text=True, env=env,
+                       cwd=root, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((tmp_path / "k.json").read_text())
+    assert len(rows) >= 5 and all(r["ok"] and r["max_abs_err"] <= 1e-5 and r["ms"] > 0 for r in rows)
+    assert rows[0]["role"] == "previous fixed" and rows[1]["role"] == "default rule"
+    report = (tmp_path / "R.md").read_text()
+    assert "<!-- bench:kernel -->" in report and "| 2 | 100 |" in report
+    saved = json.loads(tuned.read_text())
+    assert len(saved) == 1 and saved[0]["shape"]["B"] == 2 and saved[0]["shape"]["DL"] == 24
+    assert saved[0]["config"] in [r["config"] for r in rows]

@@ -16,9 +16,12 @@ Full-attention models only: sliding-window layers keep a rolling window that one
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from harness.errors import HarnessError
+from harness.kernels import decode_tuning
 
 
 def _has_sliding_layers(config) -> bool:
@@ -107,18 +110,22 @@ class StaticDecoder:
             raise HarnessError(f"the static cache is full ({self.max_len} slots); allocate a larger max_cache_len")
         self.filled += 1
 
-    def capture(self, warmup: int = 2) -> list[torch.Tensor]:
+    def capture(self, warmup: int = 2, tune: bool | None = None) -> list[torch.Tensor]:
         """Record one decode step as a CUDA graph.
 
         The `warmup` eager steps first (on a side stream, as CUDA graphs require) compile kernels and
-        decode real tokens; they are returned, so no token is lost.
+        decode real tokens; they are returned, so no token is lost. tune=True: the fused decode
+        kernel times its launch configurations for this shape in the first warm-up step (where none
+        was tuned yet; harness.kernels.decode_config), so the graph records the fastest; None follows
+        MLA_DECODE_TUNE. Tuning never runs inside the capture itself.
         """
         if not self.ids.is_cuda:
             raise HarnessError("CUDA graphs need a CUDA device; call step() without capture() on CPU")
         tokens = []
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        tuning = decode_tuning(tune) if tune is not None else contextlib.nullcontext()
+        with torch.cuda.stream(side), tuning:
             for _ in range(warmup):
                 self._advance()
                 self._step()
