@@ -24,7 +24,9 @@ from tiny import tiny_model
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 METHODS = [("svd", {}), ("asvd", {}), ("svdllm", {}), ("care", {}), ("care_joint", {}), ("care_mla", {}),
-           ("mha2mla", {}), ("mha2mla", {"selection": "low"})]
+           ("mha2mla", {}), ("mha2mla", {"selection": "low"}),
+           # the attention-aware metric reads o_proj/q_proj weights (on the GPU) beside CPU statistics
+           ("aware_joint", {"key_metric": "none"}), ("aware_joint", {})]
 
 
 def windows(n=8, T=32, seed=0):

@@ -58,8 +58,8 @@ def mean_bias(W: torch.Tensor, down: torch.Tensor, up: torch.Tensor, stats, l: i
     mu = stats.x_mean[l].double()
     ref = getattr(stats, "x_mean_ref", None)
     mu_ref = mu if ref is None else ref[l].double()
-    b = W.double() @ mu_ref - up @ (down @ mu)
-    return b if bias is None else bias + b
+    b = W.to(mu_ref) @ mu_ref - up.to(mu) @ (down.to(mu) @ mu)  # weights may sit on a GPU, statistics on the CPU
+    return b if bias is None else bias.to(b) + b
 
 
 def sqrtm_psd(A: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:

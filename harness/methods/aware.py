@@ -167,9 +167,10 @@ def aware_joint(layers, stats, budget, *, allocation: str = "uniform", power: fl
         S, S_inv = input_metric(stats, a.index, power, damping, center)
         Wk = drift_target(a.module.k_proj.weight, stats, a.index, damping, center)
         Wv = drift_target(a.module.v_proj.weight, stats, a.index, damping, center)
+        Wk, Wv = Wk.to(S), Wv.to(S)  # the model's weights may sit on a GPU, the statistics on the CPU
         G = G_inv = None
         if not plain:
-            GK, GKi, GV, GVi = layer_metrics(a, stats, key_metric, value_metric)
+            GK, GKi, GV, GVi = (None if t is None else t.to(S) for t in layer_metrics(a, stats, key_metric, value_metric))
             bk, bv = _block_scales(S, Wk, Wv, GK, GV, kv_balance, kv_scale)
             nk, nv = Wk.shape[0], Wv.shape[0]
             G = torch.block_diag(bk * _eye_if_none(GK, nk, S), bv * _eye_if_none(GV, nv, S))
