@@ -629,7 +629,7 @@ def main(argv=None) -> int:
         from harness.kernel_bench import kernel_suite
 
         body, rows = kernel_suite(points, a.kv_save, device, SMOKE if smoke else LLAMA_8B, smoke, a.reps,
-                                  a.save_tuned)
+                                  a.save_tuned, build=_llama_shapes, measure_bandwidth=measure_bandwidth)
     elif a.suite == "cpu":
         body = cpu_suite([int(x) for x in (a.contexts or "2048,8192").split(",")], a.new_tokens or 16)
     elif a.suite == "profile":

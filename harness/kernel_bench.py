@@ -25,12 +25,12 @@ import torch
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
 
 
-def layer_shapes(kv_save: float, shapes: dict, device: str, dtype) -> dict:
-    """One converted layer's decode shapes, read off a 1-layer random model converted as the gpu suite does."""
-    from harness.bench import _llama_shapes
+def layer_shapes(kv_save: float, shapes: dict, device: str, dtype, build) -> dict:
+    """One converted layer's decode shapes, read off a 1-layer random model converted as the gpu suite does
+    (`build` is the gpu suite's model builder, passed in: this module sits below harness.bench)."""
     from harness.mla import MLAAttention
 
-    model = _llama_shapes("mha2mla", kv_save, "absorbed", device, dtype, 1, shapes)
+    model = build("mha2mla", kv_save, "absorbed", device, dtype, 1, shapes)
     a = next(m for m in model.modules() if isinstance(m, MLAAttention))
     DRF = a.k_rope_proj.out_features if a.k_rope_proj is not None else 0
     out = {"H": a.num_heads, "n_kv": a.num_kv_heads, "DL": a.k_slice[1] - a.k_slice[0],
@@ -139,17 +139,18 @@ def tune_point(shape: dict, B: int, T: int, device: str, dtype, bandwidth: float
 
 
 def kernel_suite(points: list[tuple[int, int]], kv_save: float, device: str, shapes: dict, smoke: bool,
-                 reps: int | None = None, save_tuned: bool = False) -> tuple[str, list[dict]]:
-    """All points: the JSON rows, then the report section (best per point vs the previous fixed config)."""
+                 reps: int | None = None, save_tuned: bool = False, *, build, measure_bandwidth
+                 ) -> tuple[str, list[dict]]:
+    """All points: the JSON rows, then the report section (best per point vs the previous fixed config).
+    `build` and `measure_bandwidth` are harness.bench's model builder and copy-bandwidth probe."""
     import platform
 
-    from harness.bench import measure_bandwidth
     from harness.kernels.decode_config import SEARCH_AXES, save_tuned as save
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter's bf16 tl.dot is wrong
     reps = reps or (30 if device == "cuda" else 1)
     bw = measure_bandwidth(device, 1024 if device == "cuda" else 64)
-    shape = layer_shapes(kv_save, shapes, device, dtype)
+    shape = layer_shapes(kv_save, shapes, device, dtype, build)
     print(f"measured copy bandwidth {bw / 1e12:.3f} TB/s; layer shape {shape}", flush=True)
     axes = SEARCH_AXES
     if smoke:  # the interpreter is slow: one option per axis still runs every kernel variant's code
