@@ -153,6 +153,16 @@ def ruler_plot(df: pd.DataFrame, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+# Issue 15 asks for a token-eviction baseline (kvpress) at the same bytes where it installs beside our
+# transformers; checked on 2026-11-24 (CPU box), it does not: stated in every report until that changes.
+TOKEN_EVICTION_NOTE = (
+    "## Token eviction (kvpress)\n\n"
+    "Not compared: kvpress 0.5.5 (the latest release) requires transformers < 5.3, and the harness runs "
+    "transformers 5.17 (GPU image) / 5.23 (CPU). Installed with `--no-deps` beside transformers 5.23 its press "
+    "hook fails on the first prefill (`KeyError: 'cache_position'`: transformers 5.x no longer passes "
+    "`cache_position` to the attention modules it hooks), so no press can be scored at matched bytes here.")
+
+
 def write_report(results: Path, machine: str = "") -> Path:
     """REPORT.md + plots in `results`; returns the report's path."""
     results = Path(results)
@@ -176,6 +186,7 @@ def write_report(results: Path, machine: str = "") -> Path:
                "the chunked perplexity do go through it.", "",
              table(df, cols), ""]
     lines += answers(df, cols)
+    lines += ["", TOKEN_EVICTION_NOTE]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     path = results / "REPORT.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
