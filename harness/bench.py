@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from harness.paths import atomic_write_text
+
 REPORT = Path("results/bench/REPORT.md")
 
 # ----------------------------------------------------------------------------- model builders
@@ -576,9 +578,7 @@ def write_section(report: Path, suite: str, text: str) -> None:
         new = old[:old.index(start)] + block + old[old.index(end) + len(end) + 1:]
     else:
         new = old.rstrip("\n") + "\n\n" + block
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, report)
+    atomic_write_text(report, new)
 
 
 def main(argv=None) -> int:
@@ -653,9 +653,7 @@ def main(argv=None) -> int:
                                a.layers, a.kv_save, device, SMOKE if smoke else LLAMA_8B)
     if a.json and rows is not None:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(a.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        os.replace(tmp, a.json)
+        atomic_write_text(Path(a.json), json.dumps(rows, indent=1))
     head = (f"## {a.suite.upper()} suite\n\nCommand: `{cmd.strip()}`  \nMachine: {platform.node()} "
             f"({os.cpu_count()} CPUs, torch {torch.__version__})  \nDate: {time.strftime('%Y-%m-%d')}\n")
     out = Path(a.out)

@@ -89,8 +89,8 @@ def tune_point(shape: dict, B: int, T: int, device: str, dtype, bandwidth: float
                axes=None) -> tuple[list[dict], dict]:
     """The coordinate search at one point: rows (one per configuration timed) and the winner's row."""
     from harness.kernels.decode_config import SEARCH_AXES, axis_candidates
-    from harness.kernels.latent_decode import (_launch, _pow2, _sm_count, default_config, latent_decode_reference,
-                                               launched_config, shape_key)
+    from harness.kernels.latent_decode import (_launch, _sm_count, latent_decode_reference, launched_config,
+                                               rule_config, shape_key)
 
     x = make_inputs(shape, B, T, device, dtype)
     args = (x["q_lat"], x["q_rope"], x["c_k"], x["c_v"], x["k_rope"], x["scale"], x["keep"], x["kv_len"])
@@ -122,11 +122,10 @@ def tune_point(shape: dict, B: int, T: int, device: str, dtype, bandwidth: float
         return row
 
     run(old_fixed_config(B, T, _sm_count(x["c_k"].device)), "previous fixed")
-    H, DL, DV = shape["H"], shape["DL"], shape["DV"]
-    best = default_config(x["c_k"].element_size(), _pow2(H), max(_pow2(DL), _pow2(DV)))
+    best = rule_config(x["q_lat"], x["c_k"], x["c_v"])
     best_row = run(best, "default rule")
     for axis, overrides in (axes or SEARCH_AXES):
-        for cfg in axis_candidates(best, overrides, H):
+        for cfg in axis_candidates(best, overrides, shape["H"]):
             r = run(cfg, f"search: {axis}")
             usable = r.get("ok") and "fell_back_to" not in r  # a fallback is timed as its own candidate
             if usable and (not best_row.get("ok") or "fell_back_to" in best_row or r["ms"] < best_row["ms"]):

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 METHODS = [("svd", {}), ("asvd", {}), ("svdllm", {}), ("care", {}), ("care_joint", {}), ("care_mla", {}),
            ("mha2mla", {}), ("mha2mla", {"selection": "low"}),
            # the attention-aware metric reads o_proj/q_proj weights (on the GPU) beside CPU statistics
-           ("aware_joint", {"key_metric": "none"}), ("aware_joint", {})]
+           ("aware_joint", {"key_metric": "none"}), ("aware_joint", {}), ("aware_split", {})]
 
 
 def windows(n=8, T=32, seed=0):

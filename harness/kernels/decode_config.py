@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.paths import atomic_write_text
 
 TUNED_FILE = Path(__file__).with_name("decode_tuned.json")
 
@@ -182,9 +183,7 @@ def save_tuned(entries: list[dict], path: Path | None = None) -> None:
     new_keys = {json.dumps(e["shape"], sort_keys=True) for e in entries}
     rows = [r for r in old if json.dumps(r["shape"], sort_keys=True) not in new_keys] + entries
     rows.sort(key=lambda r: (r["shape"]["device"], r["shape"]["DL"], r["shape"]["B"], r["shape"]["S"]))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
     _SHIPPED = None  # reload on next lookup
 
 

@@ -293,6 +293,23 @@ def latent_blocks(width: int, split: bool) -> tuple[int, int]:
     return (a, b) if a + b < full else (full, 0)
 
 
+def _is_shared(c_k, c_v) -> bool:
+    """One tensor holds both the key and the value latent (the usual MLA cache): read once."""
+    return c_k.data_ptr() == c_v.data_ptr() and c_k.shape == c_v.shape and c_k.stride() == c_v.stride()
+
+
+def rule_config(q_lat, c_k, c_v) -> DecodeConfig:
+    """`default_config` for these inputs (the rule when nothing was tuned)."""
+    widest = max(_pow2(q_lat.shape[-1]), _pow2(c_v.shape[-1]))
+    return default_config(c_k.element_size(), _pow2(q_lat.shape[1]), widest)
+
+
+def _kernel_key(q_lat, c_k, c_v, DRF: int, keep, kv_len, config: DecodeConfig) -> tuple:
+    """What a compiled launch depends on, with the configuration asked for (`_WORKING_CONFIG`'s key)."""
+    return (c_k.dtype, q_lat.shape[1], q_lat.shape[-1], c_v.shape[-1], _pow2(DRF) if DRF else 16,
+            _is_shared(c_k, c_v), DRF > 0, keep is not None, kv_len is not None, config)
+
+
 _SM_COUNT: dict = {}
 _WORKING_CONFIG: dict = {}  # (kernel shape key, asked config) -> the config that compiled (resource fallback)
 
@@ -331,9 +348,8 @@ def shape_key(q_lat, q_rope, c_k, c_v, k_rope) -> ShapeKey:
     """The tuning-table key of these inputs (GPU model, per-layer shape, batch, context)."""
     B, H, DL = q_lat.shape
     DRF = k_rope.shape[-1] if q_rope is not None and q_rope.shape[-1] else 0
-    shared = c_k.data_ptr() == c_v.data_ptr() and c_k.shape == c_v.shape and c_k.stride() == c_v.stride()
     return ShapeKey(_device_name(c_k.device), str(c_k.dtype).replace("torch.", ""), H, DL, c_v.shape[-1], DRF,
-                    bool(shared), B, c_k.shape[1])
+                    _is_shared(c_k, c_v), B, c_k.shape[1])
 
 
 def _capturing(device: torch.device) -> bool:
@@ -368,7 +384,7 @@ def _launch(q_lat, q_rope, c_k, c_v, k_rope, scale, keep, kv_len, config: Decode
     if c_v.dtype != dtype or c_k.stride(-1) != 1 or c_v.stride(-1) != 1:
         raise HarnessError("latent_decode_triton: c_k and c_v need one dtype and contiguous last dims")
     q_lat = q_lat.to(dtype).contiguous()
-    shared = (c_k.data_ptr() == c_v.data_ptr() and c_k.shape == c_v.shape and c_k.stride() == c_v.stride())
+    shared = _is_shared(c_k, c_v)
     has_rope = DR > 0
     if has_rope:
         q_rope = q_rope.to(dtype).contiguous()
@@ -385,10 +401,9 @@ def _launch(q_lat, q_rope, c_k, c_v, k_rope, scale, keep, kv_len, config: Decode
 
     full_h = _pow2(H)
     BLOCK_DV_ALL = _pow2(DL) if shared else _pow2(DV)
-    if config is None:
-        config = default_config(c_k.element_size(), full_h, max(_pow2(DL), BLOCK_DV_ALL))
+    config = config or rule_config(q_lat, c_k, c_v)
     BLOCK_DR = _pow2(DRF) if has_rope else 16
-    kkey = (dtype, H, DL, DV, BLOCK_DR, shared, has_rope, keep is not None, kv_len is not None, config)
+    kkey = _kernel_key(q_lat, c_k, c_v, DRF, keep, kv_len, config)
     # Too much shared memory for this GPU: the same configuration with smaller tiles, then fewer warps.
     candidates = [_WORKING_CONFIG[kkey]] if kkey in _WORKING_CONFIG else list(dict.fromkeys([
         config, replace(config, block_n=16, num_stages=1), replace(config, block_n=16, num_stages=1, num_warps=4)]))
@@ -437,12 +452,8 @@ def launched_config(q_lat, q_rope, c_k, c_v, k_rope, keep=None, kv_len=None,
                     config: DecodeConfig | None = None) -> DecodeConfig | None:
     """The configuration a launch of `config` on these inputs actually used (after any fallback to
     smaller tiles); None before it ran."""
-    B, H, S, n_kv, DR = _check(q_lat, q_rope, c_k, c_v, k_rope, keep, kv_len)
-    shared = (c_k.data_ptr() == c_v.data_ptr() and c_k.shape == c_v.shape and c_k.stride() == c_v.stride())
-    DRF = k_rope.shape[-1] if DR else 0
-    kkey = (c_k.dtype, H, q_lat.shape[-1], c_v.shape[-1], _pow2(DRF) if DR else 16, shared, DR > 0,
-            keep is not None, kv_len is not None, config)
-    return _WORKING_CONFIG.get(kkey)
+    DR = _check(q_lat, q_rope, c_k, c_v, k_rope, keep, kv_len)[-1]
+    return _WORKING_CONFIG.get(_kernel_key(q_lat, c_k, c_v, k_rope.shape[-1] if DR else 0, keep, kv_len, config))
 
 
 # ----------------------------------------------------------------------------- timing and tuning
@@ -472,10 +483,8 @@ def tune_decode(q_lat, q_rope, c_k, c_v, k_rope, scale: float, keep=None, kv_len
     inside (StaticDecoder tunes in its eager warm-up steps when tuning is on)."""
     if not c_k.is_cuda or _capturing(c_k.device):
         raise HarnessError("tune_decode times the kernel on a CUDA device, outside CUDA-graph capture")
-    H, DL, DV = q_lat.shape[1], q_lat.shape[-1], c_v.shape[-1]
     if candidates is None:
-        base = default_config(c_k.element_size(), _pow2(H), max(_pow2(DL), _pow2(DV)))
-        candidates = quick_candidates(base, H)
+        candidates = quick_candidates(rule_config(q_lat, c_k, c_v), q_lat.shape[1])
     timed = []
     for cfg in candidates:
         run = lambda cfg=cfg: _launch(q_lat, q_rope, c_k, c_v, k_rope, scale, keep, kv_len, cfg)  # noqa: E731

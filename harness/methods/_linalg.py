@@ -38,8 +38,9 @@ def drift_target(W: torch.Tensor, stats, l: int, damping: float, center: bool = 
     cross_cov = E[x~ x^T] (x~ the drifted input, x the original's), the ridge fit toward W of the
     original outputs W x from x~: W* = W + W (E[x x~^T] - C~)(C~ + a I)^-1, which is W when x~ = x.
     Minimising ||S (W*^T - What^T) G|| then minimises E||G (What x~ - W x)||^2 (up to a constant).
-    With center, the second moments are centred (the means are matched by `mean_bias`)."""
-    W = W.double()
+    With center, the second moments are centred (the means are matched by `mean_bias`). The result is
+    float64 on the statistics' device (the model's weights may sit on a GPU, the statistics on the CPU)."""
+    W = W.to(device=stats.cov[l].device, dtype=torch.float64)
     cross = getattr(stats, "cross_cov", None)
     if cross is None:
         return W

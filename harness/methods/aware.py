@@ -65,7 +65,8 @@ def value_gram(a) -> torch.Tensor:
 
 
 def layer_metrics(a, stats, key_metric: str, value_metric: str):
-    """(G_K, G_K^-1, G_V, G_V^-1) of one layer; None where the metric is "none" (identity)."""
+    """(G_K, G_K^-1, G_V, G_V^-1) of one layer on the statistics' device (o_proj's weights may sit on a
+    GPU, the statistics on the CPU); None where the metric is "none" (identity)."""
     GK = GKi = GV = GVi = None
     if key_metric == "query":
         w = key_weights(a, stats)
@@ -73,7 +74,8 @@ def layer_metrics(a, stats, key_metric: str, value_metric: str):
         GK, GKi = torch.diag(w.sqrt()), torch.diag(w.rsqrt())
     if value_metric == "output":
         GV, GVi = sqrtm_psd(value_gram(a))
-    return GK, GKi, GV, GVi
+    dev = stats.cov[a.index].device
+    return tuple(None if t is None else t.to(dev) for t in (GK, GKi, GV, GVi))
 
 
 def input_metric(stats, l: int, power: float, damping: float, center: bool):
@@ -167,10 +169,9 @@ def aware_joint(layers, stats, budget, *, allocation: str = "uniform", power: fl
         S, S_inv = input_metric(stats, a.index, power, damping, center)
         Wk = drift_target(a.module.k_proj.weight, stats, a.index, damping, center)
         Wv = drift_target(a.module.v_proj.weight, stats, a.index, damping, center)
-        Wk, Wv = Wk.to(S), Wv.to(S)  # the model's weights may sit on a GPU, the statistics on the CPU
         G = G_inv = None
         if not plain:
-            GK, GKi, GV, GVi = (None if t is None else t.to(S) for t in layer_metrics(a, stats, key_metric, value_metric))
+            GK, GKi, GV, GVi = layer_metrics(a, stats, key_metric, value_metric)
             bk, bv = _block_scales(S, Wk, Wv, GK, GV, kv_balance, kv_scale)
             nk, nv = Wk.shape[0], Wv.shape[0]
             G = torch.block_diag(bk * _eye_if_none(GK, nk, S), bv * _eye_if_none(GV, nv, S))
