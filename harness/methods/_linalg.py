@@ -38,9 +38,8 @@ def drift_target(W: torch.Tensor, stats, l: int, damping: float, center: bool = 
     cross_cov = E[x~ x^T] (x~ the drifted input, x the original's), the ridge fit toward W of the
     original outputs W x from x~: W* = W + W (E[x x~^T] - C~)(C~ + a I)^-1, which is W when x~ = x.
     Minimising ||S (W*^T - What^T) G|| then minimises E||G (What x~ - W x)||^2 (up to a constant).
-    With center, the second moments are centred (the means are matched by `mean_bias`). The result is
-    float64 on the statistics' device (the model's weights may sit on a GPU, the statistics on the CPU)."""
-    W = W.to(device=stats.cov[l].device, dtype=torch.float64)
+    With center, the second moments are centred (the means are matched by `mean_bias`)."""
+    W = W.double()
     cross = getattr(stats, "cross_cov", None)
     if cross is None:
         return W
@@ -59,8 +58,8 @@ def mean_bias(W: torch.Tensor, down: torch.Tensor, up: torch.Tensor, stats, l: i
     mu = stats.x_mean[l].double()
     ref = getattr(stats, "x_mean_ref", None)
     mu_ref = mu if ref is None else ref[l].double()
-    b = W.to(mu_ref) @ mu_ref - up.to(mu) @ (down.to(mu) @ mu)  # weights may sit on a GPU, statistics on the CPU
-    return b if bias is None else bias.to(b) + b
+    b = W.double() @ mu_ref - up @ (down @ mu)
+    return b if bias is None else bias + b
 
 
 def sqrtm_psd(A: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:

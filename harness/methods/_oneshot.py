@@ -101,6 +101,13 @@ def widths_of(factors) -> list:
 
 
 # ---------------------------------------------------------------------------------- 1. tune
+def factors_of(method, layers, stats, budget, **opts):
+    """method.fn with the statistics where the layers' weights are (`convert`'s rule: factor on the
+    weights' device, float64 on CUDA too, never CPU statistics against GPU weights). A no-op move
+    when they are there already (`refine` moves them once)."""
+    return method.fn(layers, stats.to(next(layers[0].module.parameters()).device), budget, **opts)
+
+
 def tune(model, layers, method, stats, budget, opts: dict, windows: torch.Tensor) -> tuple[dict, dict]:
     """Pick each setting in opts["tune"] from TUNE_GRIDS by held-out calibration loss (coordinate-wise)."""
     opts = dict(opts)
@@ -112,7 +119,7 @@ def tune(model, layers, method, stats, budget, opts: dict, windows: torch.Tensor
     for name in opts["tune"]:
         losses = {}
         for v in TUNE_GRIDS[name]:
-            factors = method.fn(layers, stats, budget, **{**opts, **fixed, name: v})
+            factors = factors_of(method, layers, stats, budget, **{**opts, **fixed, name: v})
             with swapped(model, dict(enumerate(factors))):
                 losses[v] = heldout_loss(model, windows)
         best = min(losses, key=losses.get)
@@ -201,7 +208,7 @@ def measure_sensitivity(model, layers, method, stats, budget, opts: dict, window
             for w in probe:
                 if (l, w) in known or w == exact_at:
                     continue
-                f = method.fn([a], stats, budget, **{**opts, **fixed, "widths": [w]})[0]
+                f = factors_of(method, [a], stats, budget, **{**opts, **fixed, "widths": [w]})[0]
                 orig = decs[l].self_attn
                 decs[l].self_attn = build_attention(model, a, f)
                 try:
@@ -277,11 +284,11 @@ def sequential_stats(model, tokenizer, layers, method, stats, budget, calib, opt
 
     target = "self" if opts["sequential"] == "self" else "original"
     fixed = {"tune": None, "sequential": False}
-    widths = opts.get("widths") or widths_of(method.fn(layers, stats, budget, **{**opts, **fixed}))
+    widths = opts.get("widths") or widths_of(factors_of(method, layers, stats, budget, **{**opts, **fixed}))
     opts = {**opts, "widths": widths}
 
     def convert_layer(l, st):
-        f = method.fn([layers[l]], st, budget, **{**opts, **fixed, "widths": [widths[l]]})[0]
+        f = factors_of(method, [layers[l]], st, budget, **{**opts, **fixed, "widths": [widths[l]]})[0]
         return build_attention(model, layers[l], f)
 
     conversion = {"method": method.name, "budget": [budget.kv_save, budget.rank],
@@ -296,6 +303,7 @@ def refine(model, tokenizer, method, budget, calib, stats, opts: dict, progress:
     from harness.arch import attention_layers
 
     layers = attention_layers(model)
+    stats = stats.to(next(model.parameters()).device)  # once here, not per candidate (see factors_of)
     extra = {}
     wants_sens = opts.get("allocation") == "sensitivity" and opts.get("widths") is None
     windows = heldout_windows(tokenizer, calib) if (opts.get("tune") or wants_sens) else None

@@ -65,8 +65,7 @@ def value_gram(a) -> torch.Tensor:
 
 
 def layer_metrics(a, stats, key_metric: str, value_metric: str):
-    """(G_K, G_K^-1, G_V, G_V^-1) of one layer on the statistics' device (o_proj's weights may sit on a
-    GPU, the statistics on the CPU); None where the metric is "none" (identity)."""
+    """(G_K, G_K^-1, G_V, G_V^-1) of one layer; None where the metric is "none" (identity)."""
     GK = GKi = GV = GVi = None
     if key_metric == "query":
         w = key_weights(a, stats)
@@ -74,8 +73,7 @@ def layer_metrics(a, stats, key_metric: str, value_metric: str):
         GK, GKi = torch.diag(w.sqrt()), torch.diag(w.rsqrt())
     if value_metric == "output":
         GV, GVi = sqrtm_psd(value_gram(a))
-    dev = stats.cov[a.index].device
-    return tuple(None if t is None else t.to(dev) for t in (GK, GKi, GV, GVi))
+    return GK, GKi, GV, GVi
 
 
 def input_metric(stats, l: int, power: float, damping: float, center: bool):
