@@ -1,6 +1,7 @@
 """Score an in-memory HF causal LM on the offline lm-eval tasks (tasks/, rendered by harness.tasks).
 
-The model is wrapped in lm-eval's `HFLM` as is (any `PreTrainedModel`, converted attention
+The model is wrapped in lm-eval's `HFLM` (`harness.hflm.BatchedHFLM`: the same scoring, read off the
+device once per batch) as is (any `PreTrainedModel`, converted attention
 included), the tasks come from `harness.tasks.task_dir()` only (`include_defaults=False`: a fast
 start, and no task can silently reach for the network), and the results are flattened into rows.
 
@@ -390,8 +391,9 @@ def run_lm_eval(
     folder = task_dir()
     import lm_eval.evaluator
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from harness import hflm
 
     lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
 
@@ -405,7 +407,7 @@ def run_lm_eval(
     raws = []
     try:
         bs, max_bs = lm_batch_size(batch_size, next(model.parameters()).device)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bs, max_batch_size=max_bs)
+        lm = hflm.BatchedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=bs, max_batch_size=max_bs)
         with generate_with_cache(model, cache_factory):
             for call_limit, call_names in calls:
                 raws.append(simple_evaluate(

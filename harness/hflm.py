@@ -1,0 +1,95 @@
+"""lm-eval's HFLM with each batch's continuation scores read off the device once, not per request.
+
+Why: HFLM's `_loglikelihood_tokens` picks each request's scores apart one at a time: a tensor built on
+the device for its input, an argmax and a gather over its continuation, then `float(...)` and
+`bool(...)` — two or three host/device synchronisations per request. On a GPU shared by several
+sweep processes (the GPUs time-slice between processes) every synchronisation waits for the other
+processes' slices: on an H100, 4 processes scoring SmolLM2 made ~220 requests/s each and 14 made ~50
+each, the same ~800/s in all whatever the number of processes — the synchronisations, not the
+model, set the pace. Here the batch is built on the host and moved once, every request's
+log-probabilities and greedy check are gathered in one indexing of the batch's log-softmax, and
+the results come back in one transfer.
+
+Everything that decides *what* is scored is lm-eval's own, unchanged: the request order and batching
+(its `Collator`, its batch-size schedule), the left truncation to the model's length, the one-token
+continuation cache (`group_by="contexts"`: one forward pass for requests that share context and all
+but the last continuation token, each hit scored exactly as HFLM scores it, including its trailing
+slice for the greedy check), the cache hook and the log-softmax dtype. Only the summation of one
+request's token log-probabilities may differ in the last float bit (host instead of device sum).
+`tests/test_lmeval.py` checks request by request that the scores equal HFLM's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator
+from lm_eval.models.utils_hf import pad_and_concat
+from tqdm import tqdm
+
+
+class BatchedHFLM(HFLM):
+    """HFLM whose causal loglikelihood scoring synchronises with the device once per batch."""
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self.backend != "causal":  # encoder-decoder models: lm-eval's own path
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+        def _collate(req):  # HFLM's order: longest first, then by tokens
+            toks = req[1] + req[2]
+            return -len(toks), tuple(toks)
+
+        re_ord = Collator(requests, sort_fn=_collate, group_by="contexts" if self.logits_cache else None,
+                          group_fn=lambda req: req[-2] + req[-1][:-1])
+        n = len(re_ord)
+        batch_size = self.batch_size if self.batch_size != "auto" else (override_bs if override_bs is not None else 0)
+        batch_fn = self._batch_scheduler if self.batch_size == "auto" and n > 0 and not override_bs else None
+        if batch_fn is not None:
+            self.batch_sizes = {}  # as HFLM: sizes found for short requests must not carry over to long ones
+        res = []
+        pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0),
+                    desc="Running loglikelihood requests")
+        for chunk in re_ord.get_batched(n=batch_size, batch_fn=batch_fn):
+            inps, inplens, conts = [], [], []
+            for _, context_enc, continuation_enc in chunk:
+                assert len(context_enc) > 0 and 0 < len(continuation_enc) <= self.max_length
+                inp = torch.tensor((context_enc + continuation_enc)[-(self.max_length + 1):][:-1], dtype=torch.long)
+                inps.append(inp)
+                inplens.append(len(inp))
+                conts.append(continuation_enc)
+            batched = pad_and_concat(max(inplens), inps, padding_side="right").to(self.device, non_blocking=True)
+            logp = F.log_softmax(self._model_call(batched), dim=-1, dtype=self.softmax_dtype)
+
+            # every (request, continuation) this batch answers, expanded through the one-token cache
+            # exactly as HFLM's loop does; the placeholder carries the row each answer reads
+            answers = []
+            for i, (request_str, ctx_tokens, _) in enumerate(chunk):
+                row = torch.full((1, 1, 1), i)
+                for req_str, cont_toks, hit in re_ord.get_cache(req_str=request_str, cxt_toks=ctx_tokens,
+                                                                 cont_toks=conts[i], logits=row):
+                    answers.append((req_str, list(cont_toks), int(hit.flatten()[0])))
+
+            rows, lp_pos, greedy_pos, toks = [], [], [], []
+            for k, (_, cont_toks, i) in enumerate(answers):
+                c, start = len(cont_toks), inplens[i] - len(conts[i])  # HFLM's window: [inplen - contlen, inplen)
+                rows += [i] * c
+                lp_pos += range(start, start + c)  # its gather reads the window's first c positions
+                greedy_pos += range(inplens[i] - c, inplens[i])  # its greedy check, the window's last c
+                toks += cont_toks
+            dev = logp.device
+            r = torch.tensor(rows, device=dev)
+            t = torch.tensor(toks, device=dev)
+            lp = logp[r, torch.tensor(lp_pos, device=dev), t]
+            hit = logp[r, torch.tensor(greedy_pos, device=dev)].argmax(dim=-1) == t
+            lp, hit = lp.cpu(), hit.cpu()  # the batch's one synchronisation
+            bounds = torch.tensor([0] + [len(a[1]) for a in answers]).cumsum(0).tolist()
+            for k, (req_str, _, _) in enumerate(answers):
+                a, b = bounds[k], bounds[k + 1]
+                answer = (float(lp[a:b].sum()), bool(hit[a:b].all()))
+                res.append(answer)
+                if req_str is not None:
+                    self.cache_hook.add_partial("loglikelihood", req_str, answer)
+                pbar.update(1)
+        pbar.close()
+        return re_ord.get_original(res)

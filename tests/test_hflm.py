@@ -1,0 +1,76 @@
+"""BatchedHFLM scores every request as lm-eval's HFLM does (harness.hflm)."""
+
+import random
+
+import pytest
+import torch
+
+
+def _requests(model, vocab: int, max_length: int):
+    """Requests that exercise every branch of HFLM's scoring: multi-token continuations, one-token
+    continuations sharing a context (the `contexts` cache, hits of 1 and of 4), two requests whose
+    context + continuation[:-1] coincide with different context/continuation splits, inputs longer
+    than the model's length (left truncation), and continuations the model predicts greedily."""
+    rng = random.Random(0)
+    tok = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
+    reqs = []
+    for _ in range(12):
+        reqs.append((tok(rng.randrange(1, 40)), tok(rng.randrange(1, 6))))
+    shared = tok(17)
+    reqs += [(shared, [t]) for t in tok(4)]  # one forward pass answers four requests
+    ctx = tok(9)
+    reqs += [(ctx, tok(1)), (ctx[:-3], ctx[-3:] + tok(1))]  # variable length in one cache group
+    reqs += [(tok(max_length + 20), tok(3)), (tok(max_length - 2), tok(4))]  # truncated from the left
+    with torch.no_grad():  # greedy continuations: is_greedy must come out True for these
+        for n in (5, 11):
+            c = tok(n)
+            out = model.generate(torch.tensor([c]), max_new_tokens=4, do_sample=False)[0, n:].tolist()
+            reqs += [(c, out), (c, out[:1])]
+    return [((f"ctx{i}", f"cont{i}"), c, k) for i, (c, k) in enumerate(reqs)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+def test_batched_scoring_equals_hflm(tiny_llama, smollm_tokenizer, batch_size):
+    from lm_eval.models.huggingface import HFLM
+
+    from harness.hflm import BatchedHFLM
+
+    tiny_llama.eval()
+    max_length = 48
+    reqs = _requests(tiny_llama, len(smollm_tokenizer), max_length)
+    kw = dict(pretrained=tiny_llama, tokenizer=smollm_tokenizer, batch_size=batch_size, max_length=max_length)
+    ref = HFLM(**kw)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    got = BatchedHFLM(**kw)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert len(got) == len(ref) == len(reqs)
+    assert [g for _, g in got] == [g for _, g in ref]
+    assert sum(g for _, g in ref) >= 4  # the greedy continuations were recognised
+    torch.testing.assert_close(torch.tensor([s for s, _ in got]), torch.tensor([s for s, _ in ref]),
+                               rtol=1e-6, atol=1e-5)
+    assert len({s for s, _ in ref}) > len(reqs) - 3  # distinct scores: a mis-ordered answer would show
+
+
+def test_run_lm_eval_scores_through_it_with_hflms_results(tiny_llama, smollm_tokenizer, monkeypatch):
+    """run_lm_eval scores through BatchedHFLM, and every document's result equals HFLM's."""
+    from lm_eval.models.huggingface import HFLM
+
+    import harness.hflm
+    from harness.lmeval import run_lm_eval
+
+    calls = []
+    orig = harness.hflm.BatchedHFLM._loglikelihood_tokens
+
+    def spy(self, requests, *a, **k):
+        calls.append(len(requests))
+        return orig(self, requests, *a, **k)
+
+    monkeypatch.setattr(harness.hflm.BatchedHFLM, "_loglikelihood_tokens", spy)
+    tasks = ["arc_easy", "piqa"]
+    _, got = run_lm_eval(tiny_llama, smollm_tokenizer, tasks, limit=6, batch_size=4)
+    assert sum(calls) > 2 * 6  # every choice of every document went through the batched path
+    n_calls = len(calls)
+    monkeypatch.setattr(harness.hflm, "BatchedHFLM", HFLM)
+    _, ref = run_lm_eval(tiny_llama, smollm_tokenizer, tasks, limit=6, batch_size=4)
+    assert len(calls) == n_calls  # the reference run did not go through it
+    assert got["per_document"] == ref["per_document"]
+    for t in tasks:
+        assert got["results"][t] == ref["results"][t]
