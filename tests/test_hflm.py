@@ -24,7 +24,7 @@ def _requests(model, vocab: int, max_length: int):
     with torch.no_grad():  # greedy continuations: is_greedy must come out True for these
         for n in (5, 11):
             c = tok(n)
-            out = model.generate(torch.tensor([c]), max_new_tokens=4, do_sample=False)[0, n:].tolist()
+            out = model.generate(torch.tensor([c], device=model.device), max_new_tokens=4, do_sample=False)[0, n:].tolist()
             reqs += [(c, out), (c, out[:1])]
     return [((f"ctx{i}", f"cont{i}"), c, k) for i, (c, k) in enumerate(reqs)]
 
@@ -74,3 +74,24 @@ def test_run_lm_eval_scores_through_it_with_hflms_results(tiny_llama, smollm_tok
     assert got["per_document"] == ref["per_document"]
     for t in tasks:
         assert got["results"][t] == ref["results"][t]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_scoring_equals_hflm_on_cuda(tiny_llama, smollm_tokenizer, dtype):
+    """On the device the batched gather and the one transfer give HFLM's answers (bf16 included)."""
+    import copy
+
+    from lm_eval.models.huggingface import HFLM
+
+    from harness.hflm import BatchedHFLM
+
+    model = copy.deepcopy(tiny_llama).to("cuda", dtype).eval()
+    reqs = _requests(model, len(smollm_tokenizer), 48)
+    kw = dict(pretrained=model, tokenizer=smollm_tokenizer, batch_size=8, max_length=48)
+    ref = HFLM(**kw)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    got = BatchedHFLM(**kw)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert [g for _, g in got] == [g for _, g in ref]
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-2)  # bf16 sums: an ulp
+    torch.testing.assert_close(torch.tensor([s for s, _ in got]), torch.tensor([s for s, _ in ref]), **tol)
