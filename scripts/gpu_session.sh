@@ -25,6 +25,17 @@ export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 mkdir -p "$G" "$OUT"
 R=$G/results
 REPO=$G/repo
+# The -81.25 % healing recipes (results/paper-mha2mla-heal-81): full-20M as session 2 ran it (curve marks
+# 2M/5M/10M: 0 is the one-shot row, 20M the healed row), and the sweep file's lora-5M and kd-5M, whose
+# 5M points meet full-20M's 5M mark at equal tokens
+CORP="{chat: 0.45, wiki: 0.35, code: 0.12, prose: 0.025}"
+FULL20="{mode: full, label: full-20M, tokens: 20M, lr: 1.0e-4, schedule: wsd, warmup_frac: 0.02, decay_frac: 0.2, \
+weight_decay: 0.0, batch_size: 16, grad_accum: 4, seq_len: 512, corpora: $CORP, eval_every_tokens: [2M, 5M, 10M], curve_tasks: true}"
+LORA5="{mode: lora, label: lora-5M, tokens: 5M, lr: 1.0e-3, lora_rank: 64, lora_alpha: 64, \
+targets: [down, up_k, up_v, k_rope_proj, q_proj, o_proj], schedule: cosine, warmup_frac: 0.02, batch_size: 16, grad_accum: 4, \
+seq_len: 512, corpora: $CORP, eval_every_tokens: [0, 1M, 2M, 5M], curve_tasks: true}"
+KD5="{mode: full, label: kd-5M, tokens: 5M, lr: 1.0e-4, kd_weight: 1.0, kd_temperature: 1.0, schedule: wsd, warmup_frac: 0.02, \
+decay_frac: 0.2, batch_size: 16, grad_accum: 4, seq_len: 512, corpora: $CORP, eval_every_tokens: [0, 1M, 2M, 5M], curve_tasks: true}"
 
 case "${1:?install | bench | data | studies | collect}" in
 install)
@@ -81,9 +92,7 @@ studies2)  # session 2, on top of session 1's rows (install unpacked them): stat
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static_decode.py tests/test_gpu.py \
       > '"$G"'/gpu_tests2.log 2>&1
     P=(--set models=[smollm2-135m] --set eval.batch_size=32)
-    HEAL="[{mode: none}, {mode: full, label: full-20M, tokens: 20M, lr: 1.0e-4, schedule: wsd, warmup_frac: 0.02, \
-decay_frac: 0.2, weight_decay: 0.0, batch_size: 16, grad_accum: 4, seq_len: 512, \
-corpora: {chat: 0.45, wiki: 0.35, code: 0.12, prose: 0.025}, eval_every_tokens: [2M, 5M, 10M], curve_tasks: true}]"
+    HEAL="[{mode: none}, '"$FULL20"']"
     H=(--set "budgets=[{kv_save: 0.8125}]" --set "heal=$HEAL" --set name=paper-mha2mla-heal-81)
     for i in 0 1 2; do sweep sweeps/paper-mha2mla-heal.yaml "${H[@]}" --shard $i/3 > '"$G"'/heal81.$i.log 2>&1 & done
     for s in '"${CARE_SHARDS:-0/3 1/3 2/3}"'; do
@@ -128,7 +137,7 @@ queue)  # every study job still to do, one line per job in priority order, $K at
     shift 2
     local n
     n=$(python3 -c 'import sys; from harness.config import load_sweep
-print(len(load_sweep(sys.argv[1], sys.argv[2:]).jobs))' "$f" $(printf '%s\n' "$@" | grep -v '^--set$'))
+print(len(load_sweep(sys.argv[1], [a for a in sys.argv[2:] if a != "--set"]).jobs))' "$f" "$@")
     case "$*" in *gemma3*) wait="while [ ! -f $G/gemma3.ready ]; do sleep 15; done; " ;; esac
     for i in $(seq 0 $((n - 1))); do
       printf '%spython3 -m harness sweep %q --results %q --no-leaderboard' "$wait" "$f" "$R"
@@ -142,6 +151,9 @@ print(len(load_sweep(sys.argv[1], sys.argv[2:]).jobs))' "$f" $(printf '%s\n' "$@
   STEP=parts OUT=$G/lc RESULTS=$R LIMIT=900 PY=python3 bash sweeps/long-context-gpu.sh >> "$Q"
   jobs1 quality-s sweeps/quality_gpu.yaml "${S[@]}"
   jobs1 mha-s sweeps/paper-mha2mla.yaml "${S[@]}"
+  # healing at -81.25 %: LoRA and KD beside the finished full-20M runs (their fine-tuned originals included)
+  jobs1 heal-s sweeps/paper-mha2mla-heal.yaml --set "budgets=[{kv_save: 0.8125}]" \
+    --set "heal=[{mode: none}, $FULL20, $LORA5, $KD5]" --set name=paper-mha2mla-heal-81
   jobs1 care-g sweeps/paper-care.yaml "${M[@]}"
   jobs1 mha-g sweeps/paper-mha2mla.yaml "${M[@]}"
   jobs1 quality-g sweeps/quality_gpu.yaml "${M[@]}"
