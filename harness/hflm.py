@@ -7,8 +7,10 @@ sweep processes (the GPUs time-slice between processes) every synchronisation wa
 processes' slices: on an H100, 4 processes scoring SmolLM2 made ~220 requests/s each and 14 made ~50
 each, the same ~800/s in all whatever the number of processes — the synchronisations, not the
 model, set the pace. Here the batch is built on the host and moved once, every request's
-log-probabilities and greedy check are gathered in one indexing of the batch's log-softmax, and
-the results come back in one transfer.
+log-probabilities and greedy check come from one indexing of the batch's logits, and the results come
+back in one transfer. The log-softmax (row-wise, as HFLM's) runs on the continuation positions only:
+HFLM's runs over every position of the padded batch in float32, for Gemma-3's 262k-token vocabulary
+several GB a batch.
 
 Everything that decides *what* is scored is lm-eval's own, unchanged: the request order and batching
 (its `Collator`, its batch-size schedule), the left truncation to the model's length, the one-token
@@ -59,16 +61,16 @@ class BatchedHFLM(HFLM):
                 inplens.append(len(inp))
                 conts.append(continuation_enc)
             batched = pad_and_concat(max(inplens), inps, padding_side="right").to(self.device, non_blocking=True)
-            logp = F.log_softmax(self._model_call(batched), dim=-1, dtype=self.softmax_dtype)
+            logits = self._model_call(batched)  # [batch, length, vocab]
 
             # every (request, continuation) this batch answers, expanded through the one-token cache
             # exactly as HFLM's loop does; the placeholder carries the row each answer reads
             answers = []
             for i, (request_str, ctx_tokens, _) in enumerate(chunk):
                 row = torch.full((1, 1, 1), i)
-                for req_str, cont_toks, hit in re_ord.get_cache(req_str=request_str, cxt_toks=ctx_tokens,
+                for req_str, cont_toks, placeholder in re_ord.get_cache(req_str=request_str, cxt_toks=ctx_tokens,
                                                                  cont_toks=conts[i], logits=row):
-                    answers.append((req_str, list(cont_toks), int(hit.flatten()[0])))
+                    answers.append((req_str, list(cont_toks), int(placeholder.flatten()[0])))
 
             rows, lp_pos, greedy_pos, toks = [], [], [], []
             for k, (_, cont_toks, i) in enumerate(answers):
@@ -77,11 +79,16 @@ class BatchedHFLM(HFLM):
                 lp_pos += range(start, start + c)  # its gather reads the window's first c positions
                 greedy_pos += range(inplens[i] - c, inplens[i])  # its greedy check, the window's last c
                 toks += cont_toks
-            dev = logp.device
+            dev = logits.device
             r = torch.tensor(rows, device=dev)
             t = torch.tensor(toks, device=dev)
-            lp = logp[r, torch.tensor(lp_pos, device=dev), t]
-            hit = logp[r, torch.tensor(greedy_pos, device=dev)].argmax(dim=-1) == t
+
+            def log_probs(positions):  # HFLM's log-softmax, row by row, on the rows scored only
+                return F.log_softmax(logits[r, torch.tensor(positions, device=dev)], dim=-1, dtype=self.softmax_dtype)
+
+            scored = log_probs(lp_pos)
+            lp = scored.gather(-1, t[:, None]).squeeze(-1)
+            hit = (scored if greedy_pos == lp_pos else log_probs(greedy_pos)).argmax(dim=-1) == t
             lp, hit = lp.cpu(), hit.cpu()  # the batch's one synchronisation
             bounds = torch.tensor([0] + [len(a[1]) for a in answers]).cumsum(0).tolist()
             for k, (req_str, _, _) in enumerate(answers):
