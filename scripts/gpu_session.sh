@@ -157,6 +157,9 @@ print(len(load_sweep(sys.argv[1], [a for a in sys.argv[2:] if a != "--set"]).job
   jobs1 care-g sweeps/paper-care.yaml "${M[@]}"
   jobs1 mha-g sweeps/paper-mha2mla.yaml "${M[@]}"
   jobs1 quality-g sweeps/quality_gpu.yaml "${M[@]}"
+  # long context on Gemma-3 (RULER to 16k): tags g-original, g-care_joint-75, ...
+  MODEL=gemma3-270m PREFIX=g- STEP=parts OUT=$G/lc RESULTS=$R LIMIT=1500 PY=python3 bash sweeps/long-context-gpu.sh \
+    | sed "s|^|while [ ! -f $G/gemma3.ready ]; do sleep 15; done; |" >> "$Q"
   if [ -n "${ONLY:-}" ]; then  # ONLY="tag tag ...": just these jobs, in this order (tag = the log's name)
     for t in $ONLY; do grep -F "/$t.log 2>&1" "$Q"; done > "$Q.only" && mv "$Q.only" "$Q"
   fi
@@ -167,6 +170,9 @@ print(len(load_sweep(sys.argv[1], [a for a in sys.argv[2:] if a != "--set"]).job
     xargs -d "\n" -P '"${K:-14}"' -I{} bash -c {} < '"$Q"'
     OUT='"$G"'/lc RESULTS='"$R"' PY=python3 STEP=collect MACHINE="one lent H100, bf16, sharing the GPU with other study jobs" \
       bash sweeps/long-context-gpu.sh > '"$G"'/logs/lc-collect.log 2>&1
+    [ -f '"$G"'/gemma3.ready ] && MODEL=gemma3-270m OUT='"$G"'/lc RESULTS='"$R"' PY=python3 STEP=collect \
+      MACHINE="one lent H100, bf16, sharing the GPU with other study jobs" bash sweeps/long-context-gpu.sh \
+      > '"$G"'/logs/lc-g-collect.log 2>&1
     touch '"$G"'/queue.done
   ' > /dev/null 2>&1 < /dev/null &
   echo "queue started"

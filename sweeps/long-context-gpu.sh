@@ -16,6 +16,16 @@ PY=${PY:-python}
 S=sweeps/long-context.yaml
 R=${RESULTS:-/tmp/long-context-results}  # kept between calls on a warm machine: a rerun resumes
 LIMIT=${LIMIT:-400}
+# MODEL=gemma3-270m: the same grid on Gemma-3-270M (its own results folder, long-context-gemma3-270m; its
+# 32k context lets RULER run to 16k tokens as well)
+MODEL=${MODEL:-smollm2-135m}
+NAME=long-context
+M=()
+if [ "$MODEL" != smollm2-135m ]; then
+  NAME=long-context-$MODEL
+  M=(--set "models=[$MODEL]" --set 'eval.task_metadata={max_seq_lengths: [1024, 2048, 4096, 8192, 16384], num_samples: 4}'
+     --set eval.batch_size=4)
+fi
 Q8='{bits: 8, group: 64, residual: 128}'
 Q4='{bits: 4, group: 64, residual: 128}'
 Q2='{bits: 2, group: 64, residual: 128}'
@@ -24,30 +34,36 @@ part() {  # part NAME --set ...: one process over a slice of the grid
   local name=$1
   shift
   if [ "$STEP" = parts ]; then  # one line a queue can run: same command, its log beside the others
-    printf 'timeout %q %q -m harness sweep %q --results %q --no-leaderboard --set name=long-context' \
-      "$LIMIT" "$PY" "$S" "$R"
-    printf ' %q' "$@"
-    printf ' > %q 2>&1\n' "$OUT/logs/$name.log"
+    printf 'timeout %q %q -m harness sweep %q --results %q --no-leaderboard --set name=%q' \
+      "$LIMIT" "$PY" "$S" "$R" "$NAME"
+    printf ' %q' "${M[@]}" "$@"
+    printf ' > %q 2>&1\n' "$OUT/logs/${PREFIX:-}$name.log"
     return
   fi
   [ "$STEP" = collect ] && return
-  timeout "$LIMIT" "$PY" -m harness sweep "$S" --results "$R" --no-leaderboard --set name=long-context "$@" \
-    > "$OUT/logs/$name.log" 2>&1 &
+  timeout "$LIMIT" "$PY" -m harness sweep "$S" --results "$R" --no-leaderboard --set name="$NAME" "${M[@]}" "$@" \
+    > "$OUT/logs/${PREFIX:-}$name.log" 2>&1 &
 }
+# Gemma-3 has sliding-window layers, which transformers' QuantizedCache (and so kv_quant) does not
+# cover: its grid is the unquantized rows only
+Q75="none, $Q8" Q87="none, $Q4"
+if [ -n "${M[*]}" ]; then Q75=none Q87=none; fi
 part original --set 'methods=[]' --set 'kv_quant=[none]'
-part original-int8 --set 'methods=[]' --set "kv_quant=[$Q8]"
-part original-int4 --set 'methods=[]' --set "kv_quant=[$Q4]"
-part original-int2 --set 'methods=[]' --set "kv_quant=[$Q2]"
+if [ -z "${M[*]}" ]; then
+  part original-int8 --set 'methods=[]' --set "kv_quant=[$Q8]"
+  part original-int4 --set 'methods=[]' --set "kv_quant=[$Q4]"
+  part original-int2 --set 'methods=[]' --set "kv_quant=[$Q2]"
+fi
 for m in care_joint care_mla mha2mla; do
   one=(--set baseline=false --set "methods=[{name: $m}]")
   part "$m-50" "${one[@]}" --set 'budgets=[{kv_save: 0.5}]' --set 'kv_quant=[none]'
-  part "$m-75" "${one[@]}" --set 'budgets=[{kv_save: 0.75}]' --set "kv_quant=[none, $Q8]"
-  part "$m-87.5" "${one[@]}" --set 'budgets=[{kv_save: 0.875}]' --set "kv_quant=[none, $Q4]"
+  part "$m-75" "${one[@]}" --set 'budgets=[{kv_save: 0.75}]' --set "kv_quant=[$Q75]"
+  part "$m-87.5" "${one[@]}" --set 'budgets=[{kv_save: 0.875}]' --set "kv_quant=[$Q87]"
 done
 [ "$STEP" = parts ] && exit 0
 wait
-"$PY" -m harness sweep "$S" --results "$R" --dry-run > "$OUT/logs/collect.log" 2>&1  # rows.parquet of all jobs
-"$PY" -m harness leaderboard "$R/long-context" > "$OUT/logs/leaderboard.log" 2>&1
-"$PY" -m harness.reports.longctx "$R/long-context" --machine "${MACHINE:-one lent GPU, bf16, 13 processes sharing it}"
-cp -r "$R/long-context" "$OUT/"
+"$PY" -m harness sweep "$S" --results "$R" --dry-run --set name="$NAME" "${M[@]}" > "$OUT/logs/collect.log" 2>&1  # rows.parquet of all jobs
+"$PY" -m harness leaderboard "$R/$NAME" > "$OUT/logs/leaderboard.log" 2>&1
+"$PY" -m harness.reports.longctx "$R/$NAME" --machine "${MACHINE:-one lent GPU, bf16, 13 processes sharing it}"
+cp -r "$R/$NAME" "$OUT/"
 grep -ho "\[\(ok\|failed\)\] [^|]*" "$OUT"/logs/*.log | sort  # what finished, what failed
