@@ -60,35 +60,33 @@ class BatchedHFLM(HFLM):
                 inps.append(inp)
                 inplens.append(len(inp))
                 conts.append(continuation_enc)
-            batched = pad_and_concat(max(inplens), inps, padding_side="right").to(self.device, non_blocking=True)
-            logits = self._model_call(batched)  # [batch, length, vocab]
-
             # every (request, continuation) this batch answers, expanded through the one-token cache
-            # exactly as HFLM's loop does; the placeholder carries the row each answer reads
+            # exactly as HFLM's loop does (the placeholder carries the row each answer reads), and where
+            # each one's scores sit: all known before the forward pass, so the indices go to the device
+            # with the inputs, before it is busy
             answers = []
             for i, (request_str, ctx_tokens, _) in enumerate(chunk):
                 row = torch.full((1, 1, 1), i)
                 for req_str, cont_toks, placeholder in re_ord.get_cache(req_str=request_str, cxt_toks=ctx_tokens,
-                                                                 cont_toks=conts[i], logits=row):
+                                                                        cont_toks=conts[i], logits=row):
                     answers.append((req_str, list(cont_toks), int(placeholder.flatten()[0])))
-
             rows, lp_pos, greedy_pos, toks = [], [], [], []
-            for k, (_, cont_toks, i) in enumerate(answers):
+            for _, cont_toks, i in answers:
                 c, start = len(cont_toks), inplens[i] - len(conts[i])  # HFLM's window: [inplen - contlen, inplen)
                 rows += [i] * c
                 lp_pos += range(start, start + c)  # its gather reads the window's first c positions
                 greedy_pos += range(inplens[i] - c, inplens[i])  # its greedy check, the window's last c
                 toks += cont_toks
-            dev = logits.device
-            r = torch.tensor(rows, device=dev)
-            t = torch.tensor(toks, device=dev)
+            batched = pad_and_concat(max(inplens), inps, padding_side="right").to(self.device, non_blocking=True)
+            r, lpp, gp, t = torch.tensor([rows, lp_pos, greedy_pos, toks]).to(self.device, non_blocking=True)
+            logits = self._model_call(batched)  # [batch, length, vocab]
 
             def log_probs(positions):  # HFLM's log-softmax, row by row, on the rows scored only
-                return F.log_softmax(logits[r, torch.tensor(positions, device=dev)], dim=-1, dtype=self.softmax_dtype)
+                return F.log_softmax(logits[r, positions], dim=-1, dtype=self.softmax_dtype)
 
-            scored = log_probs(lp_pos)
+            scored = log_probs(lpp)
             lp = scored.gather(-1, t[:, None]).squeeze(-1)
-            hit = (scored if greedy_pos == lp_pos else log_probs(greedy_pos)).argmax(dim=-1) == t
+            hit = (scored if greedy_pos == lp_pos else log_probs(gp)).argmax(dim=-1) == t
             lp, hit = lp.cpu(), hit.cpu()  # the batch's one synchronisation
             bounds = torch.tensor([0] + [len(a[1]) for a in answers]).cumsum(0).tolist()
             for k, (req_str, _, _) in enumerate(answers):
