@@ -18,7 +18,7 @@ continuation cache (`group_by="contexts"`: one forward pass for requests that sh
 but the last continuation token, each hit scored exactly as HFLM scores it, including its trailing
 slice for the greedy check), the cache hook and the log-softmax dtype. Only the summation of one
 request's token log-probabilities may differ in the last float bit (host instead of device sum).
-`tests/test_lmeval.py` checks request by request that the scores equal HFLM's.
+`tests/test_hflm.py` checks request by request that the scores equal HFLM's.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Score an in-memory HF causal LM on the offline lm-eval tasks (tasks/, rendered by harness.tasks).
 
-The model is wrapped in lm-eval's `HFLM` (`harness.hflm.BatchedHFLM`: the same scoring, read off the
-device once per batch) as is (any `PreTrainedModel`, converted attention
-included), the tasks come from `harness.tasks.task_dir()` only (`include_defaults=False`: a fast
-start, and no task can silently reach for the network), and the results are flattened into rows.
+The model (any `PreTrainedModel`, converted attention included) is wrapped as it is in lm-eval's
+`HFLM` (`harness.hflm.BatchedHFLM`: the same scoring, read off the device once per batch), the tasks
+come from `harness.tasks.task_dir()` only (`include_defaults=False`: a fast start, and no task can
+silently reach for the network), and the results are flattened into rows.
 
     from harness.lmeval import run_lm_eval, format_table
     rows, raw = run_lm_eval(model, tokenizer, ["arc_easy", "piqa"], limit=100, out_dir="results/x")

@@ -18,17 +18,23 @@ R=${RESULTS:-/tmp/long-context-results}  # kept between calls on a warm machine:
 LIMIT=${LIMIT:-400}
 # MODEL=gemma3-270m: the same grid on Gemma-3-270M (its own results folder, long-context-gemma3-270m; its
 # 32k context lets RULER run to 16k tokens as well)
+# Gemma-3 has sliding-window layers, which transformers' QuantizedCache (and so kv_quant) does not
+# cover: its grid is the unquantized rows only (QUANT=0)
 MODEL=${MODEL:-smollm2-135m}
 NAME=long-context
 M=()
+QUANT=1
 if [ "$MODEL" != smollm2-135m ]; then
   NAME=long-context-$MODEL
   M=(--set "models=[$MODEL]" --set 'eval.task_metadata={max_seq_lengths: [1024, 2048, 4096, 8192, 16384], num_samples: 4}'
      --set eval.batch_size=4)
+  QUANT=0
 fi
 Q8='{bits: 8, group: 64, residual: 128}'
 Q4='{bits: 4, group: 64, residual: 128}'
 Q2='{bits: 2, group: 64, residual: 128}'
+Q75="none, $Q8" Q87="none, $Q4"  # MLA 75 % (+ int8), MLA 87.5 % (+ int4)
+[ "$QUANT" = 1 ] || Q75=none Q87=none
 mkdir -p "$R" "$OUT/logs"
 part() {  # part NAME --set ...: one process over a slice of the grid
   local name=$1
@@ -44,12 +50,8 @@ part() {  # part NAME --set ...: one process over a slice of the grid
   timeout "$LIMIT" "$PY" -m harness sweep "$S" --results "$R" --no-leaderboard --set name="$NAME" "${M[@]}" "$@" \
     > "$OUT/logs/${PREFIX:-}$name.log" 2>&1 &
 }
-# Gemma-3 has sliding-window layers, which transformers' QuantizedCache (and so kv_quant) does not
-# cover: its grid is the unquantized rows only
-Q75="none, $Q8" Q87="none, $Q4"
-if [ -n "${M[*]}" ]; then Q75=none Q87=none; fi
 part original --set 'methods=[]' --set 'kv_quant=[none]'
-if [ -z "${M[*]}" ]; then
+if [ "$QUANT" = 1 ]; then
   part original-int8 --set 'methods=[]' --set "kv_quant=[$Q8]"
   part original-int4 --set 'methods=[]' --set "kv_quant=[$Q4]"
   part original-int2 --set 'methods=[]' --set "kv_quant=[$Q2]"

@@ -24,7 +24,8 @@ def _requests(model, vocab: int, max_length: int):
     with torch.no_grad():  # greedy continuations: is_greedy must come out True for these
         for n in (5, 11):
             c = tok(n)
-            out = model.generate(torch.tensor([c], device=model.device), max_new_tokens=4, do_sample=False)[0, n:].tolist()
+            ids = torch.tensor([c], device=model.device)
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)[0, n:].tolist()
             reqs += [(c, out), (c, out[:1])]
     return [((f"ctx{i}", f"cont{i}"), c, k) for i, (c, k) in enumerate(reqs)]
 
