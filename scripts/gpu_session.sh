@@ -146,7 +146,7 @@ print(len(load_sweep(sys.argv[1], [a for a in sys.argv[2:] if a != "--set"]).job
     done >> "$Q"
   }
   S=(--set models=[smollm2-135m])
-  M=(--set models=[gemma3-270m] --set eval.batch_size=8)  # 262k-token vocabulary: logits 5x SmolLM2's
+  M=(--set models=[gemma3-270m] --set eval.batch_size=32)  # its 262k-row output layer runs on the scored positions only (hflm)
   jobs1 care-s sweeps/paper-care.yaml "${S[@]}" --set eval.batch_size=32
   STEP=parts OUT=$G/lc RESULTS=$R LIMIT=900 PY=python3 bash sweeps/long-context-gpu.sh >> "$Q"
   jobs1 quality-s sweeps/quality_gpu.yaml "${S[@]}"

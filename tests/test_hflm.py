@@ -30,12 +30,15 @@ def _requests(model, vocab: int, max_length: int):
     return [((f"ctx{i}", f"cont{i}"), c, k) for i, (c, k) in enumerate(reqs)]
 
 
-@pytest.mark.parametrize("batch_size", [1, 4, 64])
-def test_batched_scoring_equals_hflm(tiny_llama, smollm_tokenizer, batch_size):
+@pytest.mark.parametrize("batch_size,keeps_logits", [(1, True), (4, True), (64, True), (4, False)])
+def test_batched_scoring_equals_hflm(tiny_llama, smollm_tokenizer, batch_size, keeps_logits, monkeypatch):
+    """Equal to HFLM with the output layer on the read positions only (the default for *ForCausalLM)
+    and with full logits (a model whose forward lacks `logits_to_keep`)."""
     from lm_eval.models.huggingface import HFLM
 
     from harness.hflm import BatchedHFLM
 
+    monkeypatch.setattr(BatchedHFLM, "_keeps_logits", keeps_logits)
     tiny_llama.eval()
     max_length = 48
     reqs = _requests(tiny_llama, len(smollm_tokenizer), max_length)
@@ -48,6 +51,28 @@ def test_batched_scoring_equals_hflm(tiny_llama, smollm_tokenizer, batch_size):
     torch.testing.assert_close(torch.tensor([s for s, _ in got]), torch.tensor([s for s, _ in ref]),
                                rtol=1e-6, atol=1e-5)
     assert len({s for s, _ in ref}) > len(reqs) - 3  # distinct scores: a mis-ordered answer would show
+
+
+def test_output_layer_runs_on_the_read_positions_only(tiny_llama, smollm_tokenizer, monkeypatch):
+    """The forward pass gets `logits_to_keep` and returns logits for fewer positions than the batch has."""
+    from harness.hflm import BatchedHFLM
+
+    tiny_llama.eval()
+    reqs = _requests(tiny_llama, len(smollm_tokenizer), 48)
+    seen = []
+    forward = tiny_llama.forward
+
+    def spy(input_ids=None, **kw):
+        out = forward(input_ids=input_ids, **kw)
+        seen.append((input_ids.shape[1], out.logits.shape[1], kw.get("logits_to_keep")))
+        return out
+
+    monkeypatch.setattr(tiny_llama, "forward", spy)
+    lm = BatchedHFLM(pretrained=tiny_llama, tokenizer=smollm_tokenizer, batch_size=4, max_length=48)
+    lm._keeps_logits_cache = True  # the spy's signature hides the parameter; the model's has it
+    lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert seen and all(k is not None and kept == len(k) for _, kept, k in seen)
+    assert sum(kept for _, kept, _ in seen) < sum(n for n, _, _ in seen) / 2
 
 
 def test_run_lm_eval_scores_through_it_with_hflms_results(tiny_llama, smollm_tokenizer, monkeypatch):
