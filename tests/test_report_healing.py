@@ -90,6 +90,15 @@ def results(tmp_path):
     return folder
 
 
+def test_loglinear_reach_extrapolates_the_trend_of_the_trained_marks():
+    # exactly +0.02 per 10x tokens from 0.36 at 1M: 0.40 at 100M; the untrained point (0 tokens) is left out
+    gain, at = hc.loglinear_reach([0, M, 10 * M, 100 * M], [0.1, 0.36, 0.38, 0.40], 0.42)
+    assert gain == pytest.approx(0.02) and at == pytest.approx(1000 * M, rel=1e-9)
+    assert hc.loglinear_reach([0, 2 * M, 5 * M, 10 * M], [0.3, 0.35, 0.34, 0.33], 0.4) == (pytest.approx(
+        hc.loglinear_reach([2 * M, 5 * M, 10 * M], [0.35, 0.34, 0.33], 0.4)[0]), None)  # falling: no reach
+    assert hc.loglinear_reach([0, 2 * M, 5 * M], [0.3, 0.35, 0.36], 0.4) is None  # two trained marks: no fit
+
+
 def test_tokens_to_reach_interpolates_linearly():
     assert hc.tokens_to_reach([0, 5 * M, 10 * M], [0.30, 0.37, 0.39], 0.38) == pytest.approx(7.5 * M)
     assert hc.tokens_to_reach([0, 2 * M], [0.5, 0.6], 0.4) == 0  # already there at the start

@@ -24,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from harness.reports.healing_curves import (Curve, Study, acc_col, as_float, approx_se, final_point, gather,
-                                            paired_acc, ppl_ratio_se, reference_for, kv_text, tokens_str,
-                                            tokens_to_reach)
+                                            kv_text, loglinear_reach, paired_acc, ppl_ratio_se, reference_for,
+                                            tokens_str, tokens_to_reach)
 from harness.reports.toolkit import atomic_write_text, markdown_table, pyplot, save_figure
 from harness.specs import HealConfig
 
@@ -352,6 +352,13 @@ def goal_lines(st: Study, facts: list[dict]) -> list[str]:
         c = f["curve"]
         status = (f"reached at {tokens_str(f['reach'])} tokens" if f["reach"] is not None and f["reach"] <= GOAL_TOKENS
                   else f"not reached by {tokens_str(f['last'])} tokens")
+        fit = (loglinear_reach(list(c.points["tokens"]), list(c.points[acc_col(st.metric)]), f["target"])
+               if f["reach"] is None and pd.notna(f["target"]) else None)
+        if fit is not None:  # how far off: the trend of the measured marks, stated as an extrapolation
+            gain, at = fit
+            status += (f" (a log-linear fit over its trained marks gains {100 * gain:+.1f} points per 10x tokens"
+                       + (f" and would reach 95% near {tokens_str(at)} tokens: an extrapolation, not a measurement)"
+                          if at is not None else ": it does not rise)"))
         ref_note = " (against a partial fine-tuned original)" if f["ref"] is not None and f["ref"].partial_at else ""
         lines.append(f"- {c.method}, {c.heal}{' (partial)' if c.partial_at else ''}: {f['share']}% "
                      f"of the fine-tuned original at {tokens_str(f['last'])} tokens{ref_note}; {status}"

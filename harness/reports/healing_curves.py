@@ -303,6 +303,26 @@ def tokens_to_reach(tokens: list[float], values: list[float], target: float) -> 
     return None
 
 
+def loglinear_reach(tokens: list[float], values: list[float], target: float) -> tuple[float, float | None] | None:
+    """A least-squares line of value against log10(tokens) over the trained marks (tokens > 0) and the
+    token count where that line meets `target`: (gain per 10x tokens, tokens or None where the line
+    does not rise). None with fewer than three trained marks. Why: a curve that stops short of the
+    goal still says how far off it is; healing curves flatten about log-linearly in tokens, so this
+    is the honest one-number summary, and an extrapolation, never a measurement."""
+    pts = [(math.log10(t), v) for t, v in zip(tokens, values) if t and t > 0 and as_float(v) is not None]
+    if len(pts) < 3:
+        return None
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    if sxx == 0:
+        return None
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
+    if slope <= 0:
+        return slope, None
+    return slope, 10 ** (mx + (target - my) / slope)
+
+
 def choose_metric(curves: list[Curve]) -> str:
     """`primary` when every curve has its paper metric at every point, else `acc` (plain accuracy,
     which every row and curve records): one metric for the whole report, so lines compare. `none`
