@@ -426,6 +426,10 @@ def run_lm_eval(
                 ))
     finally:
         model.train(was_training)
+        import torch
+
+        if torch.cuda.is_available():  # hand back lm-eval's batch-size search and scoring memory: processes
+            torch.cuda.empty_cache()   # sharing a GPU (a healing run between its curve marks) need it back
     if any(raw is None for raw in raws):  # only on non-zero ranks of a multi-process launch
         raise HarnessError("lm-eval returned no results (is this a non-zero rank of a distributed launch?)")
     raw = _merge(raws)

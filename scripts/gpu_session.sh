@@ -22,6 +22,8 @@ export TOKENIZERS_PARALLELISM=false MLA_HARNESS_CACHE=$G/cache PYTHONUNBUFFERED=
 # Several processes share the GPU and 16 cores: small-model work is bound by kernel launches on the CPU,
 # so each process gets two threads rather than sixteen that fight over the cores.
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+# freed blocks go back in pieces that other processes sharing the GPU can use (less fragmentation)
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 mkdir -p "$G" "$OUT"
 R=$G/results
 REPO=$G/repo
