@@ -25,24 +25,42 @@ sweep's `eval.task_metadata`):
     seed             documents depend only on (task, length, num_samples, seed, tokenizer)
 
 Documents are interleaved across lengths (document i has length max_seq_lengths[i % n]) so that
-lm-eval's `limit` takes about the same number of each length. Generated documents are kept for
-the process, so the jobs of a sweep score the same haystacks without generating them again.
+lm-eval's `limit` takes about the same number of each length.
 
     TaskManager(include_path=str(harness.tasks.task_dir()), include_defaults=False,
                 metadata={"tokenizer": "<folder>", "max_seq_lengths": [1024, 2048], "num_samples": 20})
+
+Generated documents are kept for the process and on disk, in `$MLA_HARNESS_CACHE/ruler/<key>.json`
+(key: sha256 of task, tokenizer content, lengths, num_samples, seed and lm-eval's version), so the
+processes of a sweep, and later sweeps, read them instead of generating them again. They can be
+built ahead of time on a CPU box and the folder carried to the machine that evaluates:
+
+    python -m harness.ruler build --tokenizer gemma3-270m --lengths 1024,2048,4096,8192,16384 --samples 4
+
+Each (task, length) generation runs under a time limit, `$MLA_HARNESS_RULER_TIMEOUT` seconds
+(default 600, 0: none): lm-eval's generators retry forever when no document fits a length (its
+variable tracking does at 128 tokens), and a stuck sweep then says which task and length it was.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import difflib
 import functools
+import hashlib
 import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
 import shutil
+import signal
+import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -246,9 +264,182 @@ def _one_length(name: str, tokenizer, length: int, num_samples: int) -> list[dic
     raise HarnessError(f"unknown RULER task {name!r}; known: {', '.join(TASKS)}")
 
 
-@functools.lru_cache(maxsize=64)
-def generate(name: str, tokenizer_name: str, lengths: tuple[int, ...], num_samples: int, seed: int) -> tuple[dict, ...]:
-    """All documents of one task, interleaved across lengths; cached for the process."""
+# ---------------------------------------------------------------------------------------------
+# Time limit of one generation
+
+
+TIMEOUT_ENV = "MLA_HARNESS_RULER_TIMEOUT"
+DEFAULT_TIMEOUT = 600.0  # seconds; all 13 tasks at 1k-16k tokens, 4 documents per length, take ~25 s on a CPU box
+
+
+def generation_timeout() -> float:
+    """Seconds one (task, length) generation may take: `$MLA_HARNESS_RULER_TIMEOUT`, default 600; 0: no limit."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise HarnessError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds; set e.g. {TIMEOUT_ENV}=600, "
+                           f"or 0 for no limit")
+    return seconds
+
+
+def _time_limited(name: str, length: int, fn, *args):
+    """`fn(*args)`, stopped with HarnessError after `generation_timeout()` seconds.
+
+    SIGALRM (setitimer) interrupts the generator wherever it is, which only the main thread can
+    receive: elsewhere there is no limit. lm-eval's variable tracking retries in
+    `while True: try: ... except: ...`, and a bare except swallows the error the alarm raises; so
+    on expiry every frame below this one is also traced (as pdb's set_trace does) to raise again at
+    its next line, which in that loop is the except clause, outside the try. The previous SIGALRM
+    handler, interval timer and trace function are restored afterwards.
+    """
+    seconds = generation_timeout()
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    message = (f"{name}: generating its documents of {length} tokens took more than {seconds:g} s "
+               f"({TIMEOUT_ENV}); lm-eval's generator retries forever when no document fits; lower the length "
+               f"or raise it past the prompt, or pre-build with `python -m harness.ruler build`")
+    here = sys._getframe()
+    expired = []
+
+    def raise_again(frame, event, arg):
+        if event == "line":
+            raise HarnessError(message)
+        return raise_again
+
+    def expire(signum, frame):
+        below = []
+        while frame is not None and frame is not here:
+            below.append(frame)
+            frame = frame.f_back
+        if frame is None or not below:  # fn has returned: this frame is finishing anyway
+            return
+        if not expired:
+            expired.append(sys.gettrace())
+            for f in below:
+                f.f_trace = raise_again
+            sys.settrace(lambda *_: None)  # line events on (for the frames above only: new calls get none)
+        raise HarnessError(message)
+
+    previous_handler = signal.signal(signal.SIGALRM, expire)
+    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    try:
+        return fn(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if expired:
+            sys.settrace(expired[0])
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if previous_handler is None else previous_handler)
+        if previous_delay:  # an outer timer keeps running; one that came due meanwhile fires now
+            left = previous_delay - (time.monotonic() - start)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-6), previous_interval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents, cached for the process and on disk
+
+CACHE_FORMAT = 1  # part of the key: bump when a change here changes the documents the same inputs give
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+# Written by save_pretrained but not about tokenizing: `local_files_only` follows HF_HUB_OFFLINE at load
+# time, so a sweep under sweeps/long-context-gpu.sh (offline) and a build without it save different files.
+LOADER_KEYS = ("local_files_only", "is_local", "name_or_path", "_name_or_path", "_commit_hash", "cache_dir")
+
+
+def tokenizer_identity(tokenizer_name: str) -> str:
+    """What sizes the documents: for a folder, the sha256 of its files ("sha256:..."), else the name.
+
+    Every file but weights and dot-files counts (a tokenizer folder holds only tokenizer files),
+    with the loader's bookkeeping keys dropped from tokenizer_config.json and config.json; so the
+    same tokenizer saved in two places, or by two processes, has one identity.
+    """
+    folder = Path(tokenizer_name).expanduser()
+    if not folder.is_dir():
+        return f"name:{tokenizer_name}"
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise HarnessError(f"tokenizer folder {folder} holds no tokenizer files (tokenizer.json, "
+                           f"tokenizer_config.json, ...); give the folder a tokenizer was saved to")
+    digest = hashlib.sha256()
+    for path in files:
+        data = path.read_bytes()
+        if path.name in ("tokenizer_config.json", "config.json"):
+            with contextlib.suppress(ValueError):
+                config = json.loads(data)
+                if isinstance(config, dict):
+                    data = json.dumps({k: v for k, v in config.items() if k not in LOADER_KEYS},
+                                      sort_keys=True).encode()
+        digest.update(f"{path.name}\0{len(data)}\0".encode() + data)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def cache_fields(name: str, tokenizer_name: str, lengths: tuple[int, ...], num_samples: int, seed: int) -> dict:
+    """Everything the documents of one task depend on, as the cache key is made of it."""
+    import lm_eval
+
+    return {"task": name, "tokenizer": tokenizer_identity(tokenizer_name), "lengths": [int(x) for x in lengths],
+            "num_samples": int(num_samples), "seed": int(seed), "lm_eval": lm_eval.__version__,
+            "format": CACHE_FORMAT}
+
+
+def cache_dir() -> Path:
+    return cache_root() / "ruler"
+
+
+def cache_path(fields: dict) -> Path:
+    """`$MLA_HARNESS_CACHE/ruler/<sha256 of the fields>.json`."""
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return cache_dir() / f"{key}.json"
+
+
+def _read_cached(path: Path, fields: dict) -> tuple[dict, ...] | None:
+    """The documents kept at `path`, or None when there are none to trust (missing, unreadable, or
+    not for these fields: a truncated copy or a file put under the wrong name is generated again)."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("RULER documents in %s are unreadable (%s); generating them again", path, err)
+        return None
+    ok = isinstance(payload, dict) and payload.get("fields") == fields
+    docs = payload.get("documents") if ok else None
+    if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+        log.warning("RULER documents in %s are not those of %s; generating them again", path, fields)
+        return None
+    return tuple(docs)
+
+
+def _write_cached(path: Path, fields: dict, docs: tuple[dict, ...]) -> None:
+    """Keep `docs` at `path`: written aside and renamed into place, so a reader (another process of the
+    sweep) sees the whole file or none. Only documents that JSON gives back exactly are kept; a
+    cache that cannot be written is a warning, never a failed evaluation."""
+    try:
+        text = json.dumps({"fields": fields, "documents": list(docs)}, ensure_ascii=False)
+        exact = json.loads(text)["documents"] == list(docs)
+    except (TypeError, ValueError):
+        exact = False
+    if not exact:
+        log.warning("%s's documents do not survive JSON unchanged; not keeping them in %s", fields["task"], path)
+        return
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not keep RULER documents in %s (%s); they will be generated again", path, err)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _generate(name: str, tokenizer_name: str, lengths: tuple[int, ...], num_samples: int, seed: int) -> tuple[dict, ...]:
+    """All documents of one task, interleaved across lengths: lm-eval's generators, each length time-limited."""
     from lm_eval.tasks.ruler.common_utils import get_tokenizer
 
     tokenizer = get_tokenizer(tokenizer_name)
@@ -256,7 +447,7 @@ def generate(name: str, tokenizer_name: str, lengths: tuple[int, ...], num_sampl
     for length in lengths:
         with _seeded(seed, name, length), contextlib.redirect_stdout(io.StringIO()):  # vt prints per step
             try:
-                per_length.append(_one_length(name, tokenizer, length, num_samples))
+                per_length.append(_time_limited(name, length, _one_length, name, tokenizer, length, num_samples))
             except ValueError as err:  # lm-eval: nothing fits (HotpotQA's 10 paragraphs exceed 1024 tokens)
                 if not str(err).startswith("Could not generate any"):
                     raise
@@ -268,6 +459,24 @@ def generate(name: str, tokenizer_name: str, lengths: tuple[int, ...], num_sampl
     for i in range(max(map(len, per_length))):
         docs += [rows[i] for rows in per_length if i < len(rows)]
     return tuple(docs)
+
+
+@functools.lru_cache(maxsize=64)
+def generate(name: str, tokenizer_name: str, lengths: tuple[int, ...], num_samples: int, seed: int) -> tuple[dict, ...]:
+    """All documents of one task, interleaved across lengths.
+
+    Kept for the process (lru_cache) and in `$MLA_HARNESS_CACHE/ruler/` (`cache_path`): each
+    process of a sweep would otherwise generate the same documents again, and a generation that
+    hangs on one machine can be done ahead of time on another (`python -m harness.ruler build`).
+    The documents read back equal the generated ones, field for field and in order.
+    """
+    fields = cache_fields(name, tokenizer_name, lengths, num_samples, seed)
+    path = cache_path(fields)
+    docs = _read_cached(path, fields)
+    if docs is None:
+        docs = _generate(name, tokenizer_name, lengths, num_samples, seed)
+        _write_cached(path, fields, docs)
+    return docs
 
 
 def _options(name: str, kwargs: dict) -> tuple[str, tuple[int, ...], int, int]:
@@ -347,3 +556,149 @@ def ruler_qa_squad(**kwargs):
 
 def ruler_qa_hotpot(**kwargs):
     return dataset("ruler_qa_hotpot", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building ahead of time: python -m harness.ruler build ...
+
+
+@contextlib.contextmanager
+def tokenizer_folder(spec: str):
+    """A folder holding the tokenizer that a sweep of `spec` hands RULER, while the block runs.
+
+    A folder without config.json is a tokenizer folder (lm-eval's `tokenizer` metadata), used as
+    is. Anything else is a model spec (embedded name, model folder, .gguf file, hub id), loaded as
+    a sweep loads it (harness.models.load_model, which sets the pad token) and saved with
+    save_pretrained, as harness.lmeval.tokenizer_dir saves it for run_lm_eval: the key hashes
+    the saved files' content, so this copy and the sweep's give the same key.
+    """
+    folder = Path(spec).expanduser()
+    if folder.is_dir() and not (folder / "config.json").exists():
+        from lm_eval.tasks.ruler.common_utils import get_tokenizer
+
+        tokenizer_identity(str(folder))  # an empty folder fails here, by name
+        try:
+            get_tokenizer(str(folder))  # what generation loads (kept by lm-eval for it)
+        except (OSError, ValueError) as err:
+            raise HarnessError(f"--tokenizer {spec}: no tokenizer loads from this folder ({str(err).splitlines()[0]}); "
+                               f"give a model spec (gemma3-270m) or a folder a tokenizer was saved to") from None
+        yield str(folder)
+        return
+    import tempfile
+
+    from harness.models import load_model
+
+    _, tokenizer = load_model(spec, device="cpu")
+    with tempfile.TemporaryDirectory(prefix="mla-harness-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        yield tmp
+
+
+def _positive_ints(flag: str, text: str, example: str) -> tuple[tuple[int, ...], list[str]]:
+    try:
+        values = tuple(int(x) for x in str(text).split(","))
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        return (), [f"{flag} {text!r} must be positive integers separated by commas, e.g. {flag} {example}"]
+    return values, []
+
+
+def _task_names(text: str) -> tuple[tuple[str, ...], list[str]]:
+    if text.strip() == "all":
+        return TASKS, []
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = []
+    for name in (n for n in names if n not in TASKS):
+        close = difflib.get_close_matches(name, TASKS, n=1)
+        unknown.append(repr(name) + (f" (did you mean {close[0]}?)" if close else ""))
+    if unknown or not names:
+        return names, [f"--tasks {text!r}: unknown RULER task {', '.join(unknown) or '(none named)'}; "
+                       f"give all or some of {', '.join(TASKS)}"]
+    return names, []
+
+
+def build(tokenizer: str, lengths: str, samples: str | int, seed: str | int = DEFAULT_SEED,
+          tasks: str = "all") -> list[Path]:
+    """Generate RULER's documents into $MLA_HARNESS_CACHE/ruler, for sweeps here or on another machine.
+
+    Args:
+        tokenizer: a model spec (gemma3-270m, smollm2-135m, a model folder, .gguf, hub id), resolved
+            as a sweep does, or a tokenizer folder.
+        lengths: "1024,2048,...", in the order of the sweep's eval.task_metadata.max_seq_lengths.
+        samples: documents per length (num_samples).
+        seed: the task metadata's seed (the YAMLs': 42).
+        tasks: "all" or "niah_single_1,ruler_vt,...".
+    Returns:
+        the cache files, one per task built.
+    Raises:
+        HarnessError: bad arguments (all named at once), or tasks that could not be built (after
+        building the others).
+    """
+    length_values, problems = _positive_ints("--lengths", lengths, "1024,2048,4096")
+    counts, more = _positive_ints("--samples", samples, "4")
+    if more or len(counts) != 1:
+        problems.append(f"--samples {samples!r} must be one positive integer, e.g. --samples 4")
+    try:
+        seed = int(seed)
+    except ValueError:
+        problems.append(f"--seed {seed!r} must be an integer, e.g. --seed {DEFAULT_SEED} (the task YAMLs' seed)")
+    names, more = _task_names(tasks)
+    problems += more
+    if problems:
+        raise HarnessError("; ".join(problems))
+    paths, failed = [], []
+    num_samples = counts[0]
+    with tokenizer_folder(tokenizer) as folder:
+        identity = tokenizer_identity(folder)
+        for name in names:
+            fields = cache_fields(name, folder, length_values, num_samples, seed)
+            path = cache_path(fields)
+            cached = _read_cached(path, fields) is not None
+            start = time.perf_counter()
+            try:
+                docs = generate(name, folder, length_values, num_samples, seed)
+            except HarnessError as err:
+                failed.append(str(err))
+                print(f"{name:16s} failed: {err}", flush=True)
+                continue
+            how = "cached already" if cached else f"generated in {time.perf_counter() - start:.1f} s"
+            print(f"{name:16s} {len(docs):5d} documents, {how}: {path}", flush=True)
+            paths.append(path)
+    print(f"{len(paths)} files in {cache_dir()} (tokenizer {identity[:23]}..., lengths "
+          f"{','.join(map(str, length_values))}, {num_samples} per length, seed {seed}); a run reads them from "
+          f"$MLA_HARNESS_CACHE/ruler, so copy them there on the machine that evaluates", flush=True)
+    if failed:
+        raise HarnessError(f"{len(failed)} of {len(names)} tasks not built: {'; '.join(failed)}")
+    return paths
+
+
+COMMANDS = {"build": build}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m harness.ruler build ...`; returns the exit status (2 with a one-line error)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.ruler", description="RULER's documents, built ahead of time into the disk cache.",
+        epilog="quick start: python -m harness.ruler build --tokenizer gemma3-270m "
+               "--lengths 1024,2048,4096,8192,16384 --samples 4")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="generate documents into $MLA_HARNESS_CACHE/ruler",
+                       description=build.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--tokenizer", required=True, help="model spec (as in a sweep's models:) or tokenizer folder")
+    b.add_argument("--lengths", required=True, help="context lengths, comma-separated, in the sweep's order")
+    b.add_argument("--samples", required=True, help="documents per length (the sweep's num_samples)")
+    b.add_argument("--seed", default=str(DEFAULT_SEED), help=f"the task metadata's seed (default {DEFAULT_SEED})")
+    b.add_argument("--tasks", default="all", help="all, or task names separated by commas")
+    args = vars(parser.parse_args(argv))
+    command = COMMANDS[args.pop("command")]
+    try:
+        command(**args)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
