@@ -490,6 +490,10 @@ def build_report(results: Path, partial: Path | None = None, machine: str = "", 
     caveats.append("throughput is per process: a sharded sweep runs several jobs on one GPU at once, so tokens/s is "
                    "each process's share, comparable only within one session on one machine")
     caveats.append("one training seed per job: the spread over seeds is not measured, only the evaluation's noise")
+    if len({c.budget_tokens for c in st.curves if c.budget_tokens}) > 1:
+        caveats.append("recipes with different token budgets meet at equal tokens, not at equal schedules: a mark "
+                       "inside a longer run is read before its learning rate decays, the last mark of a shorter run "
+                       "after it has decayed")
     lines += [f"- {c}" for c in caveats] + [""]
     out = results / "REPORT.md"
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
