@@ -232,3 +232,17 @@ def test_mha2mla_protocol_claims_across_budgets(tmp_path):
     text = (folder / "REPORT.md").read_text()
     assert "MHA2MLA (Ji et al. 2025)" in text and "primary metric acc_norm_nospace" in text
     assert "smollm2-135m mha2mla-2norm @ 0.875" in text and "3 finished of 13 expected" in text  # 1 + 4 selections x 3 budgets
+
+
+def test_chance_level_names_the_rows_at_chance():
+    """Uniform guessing over mha2mla_eval's entries (4, 4, 2, 4, 4, 2 options) scores 33.33; a row 1 point
+    above it is named, one 8 points above it is not, and an entry of unknown option count gives no line."""
+    entries = {e: f"{e}/acc_norm_nospace" for e in ("mha2mla_mmlu", "mha2mla_arc", "mha2mla_piqa", "mha2mla_hellaswag",
+                                                     "mha2mla_openbookqa", "mha2mla_winogrande")}
+    assert pr.chance_mean(entries) == pytest.approx(100 / 3)
+    assert pr.chance_mean({**entries, "mha2mla_race": None}) == pytest.approx(100 / 3)  # unscored: left out
+    assert pr.chance_mean({"some_new_task": "x/acc"}) is None
+    tbl = pd.DataFrame({"budget": [math.nan, 0.75], "method": ["baseline", "mha2mla-2norm"], "mean": [0.4133, 0.3433]})
+    text = pr._chance_lines(tbl, entries)[0]
+    assert "33.33" in text and "1 of 2 rows" in text and "mha2mla-2norm @ 0.75" in text and "baseline" not in text
+    assert pr._chance_lines(tbl, {"some_new_task": "x/acc"}) == []

@@ -520,7 +520,45 @@ def _table_section(model, tbl, miss, entries, order, group, paper) -> list[str]:
             f"perplexity, each `{group}` entry's score (column metric: {metric}, acc where the entry has none), "
             "the group mean ± stderr, and ratios to the original. \"—\": entry not scored."
             + (" Last column: the paper's numbers (its model, not ours)." if paper else ""), "",
-            markdown_table(frame, fmt=str, index=False), ""]
+            markdown_table(frame, fmt=str, index=False), ""] + _chance_lines(tbl, entries)
+
+
+# Answer options of each paper-group entry, a property of the benchmark: uniform guessing scores 100/options
+# (ARC mixes a few 3- and 5-option questions into its 4-option ones: about 25).
+OPTIONS = {"mmlu": 4, "arc": 4, "arc_easy": 4, "arc_challenge": 4, "piqa": 2, "hellaswag": 4, "openbookqa": 4,
+           "winogrande": 2, "race": 4, "boolq": 2}
+NEAR_CHANCE = 2.0  # points
+
+
+def chance_mean(entries: dict[str, str | None]) -> float | None:
+    """The group mean uniform guessing would score (the scored entries' 100/options, averaged); None when an
+    entry's option count is unknown. Why: one-shot conversions at small budgets can fall to chance, where
+    the orderings between rows are noise, and a reader should see that before reading them."""
+    rates = []
+    for e, col in entries.items():
+        if not col:
+            continue
+        base = e.split("_", 1)[1] if e.startswith(("mha2mla_", "care_")) else e
+        if base not in OPTIONS:
+            return None
+        rates.append(100.0 / OPTIONS[base])
+    return sum(rates) / len(rates) if rates else None
+
+
+def _chance_lines(tbl: pd.DataFrame, entries: dict[str, str | None]) -> list[str]:
+    chance = chance_mean(entries)
+    if chance is None or "mean" not in tbl or tbl["mean"].isna().all():
+        return []
+    rows = sorted(zip(tbl["budget"], tbl["method"], tbl["mean"]), key=lambda r: (_bkey(r[0]) or 0.0, r[1]))
+    near = [f"{m} @ {b:g}" if pd.notna(b) else m for b, m, v in rows if pd.notna(v) and 100 * v - chance <= NEAR_CHANCE]
+    text = (f"Chance level: uniform guessing scores {chance:.2f} on this group mean (each scored entry's "
+            f"100/options, averaged). ")
+    if near:
+        text += (f"{len(near)} of {tbl['mean'].notna().sum()} rows are within {NEAR_CHANCE:g} points of it "
+                 f"({', '.join(near)}): at that level the orderings between them are noise, not a method's effect.")
+    else:
+        text += f"No row is within {NEAR_CHANCE:g} points of it."
+    return [text, ""]
 
 
 def _paper_cell(paper: Paper, method: str, budget) -> str:
