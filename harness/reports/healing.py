@@ -109,7 +109,7 @@ def recovery_figures(results: Path, curves: list[Curve], untrained, doms: list[s
             ref = next((r for r in group if r.is_reference), None)
             if ref is not None and pd.notna(final_point(ref)[col]):
                 ax.axhline(TARGET * final_point(ref)[col], color="black", linewidth=0.7, linestyle="-.",
-                           label=f"95% of the fine-tuned original's last point")
+                           label="95% of the fine-tuned original's last point")
             if untrained is not None and pd.notna(untrained[col]):
                 ax.axhline(untrained[col], color="grey", linestyle="--", linewidth=1, label="untrained original")
             _token_axis(ax, group)
