@@ -26,6 +26,7 @@ request's token log-probabilities may differ in the last float bit (host instead
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -39,12 +40,10 @@ from tqdm import tqdm
 class BatchedHFLM(HFLM):
     """HFLM whose causal loglikelihood scoring synchronises with the device once per batch."""
 
-    @property
+    @functools.cached_property
     def _keeps_logits(self) -> bool:
         """Whether the model's forward takes transformers' `logits_to_keep` (every *ForCausalLM does)."""
-        if not hasattr(self, "_keeps_logits_cache"):
-            self._keeps_logits_cache = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        return self._keeps_logits_cache
+        return "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.backend != "causal":  # encoder-decoder models: lm-eval's own path

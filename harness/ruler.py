@@ -461,6 +461,19 @@ def _generate(name: str, tokenizer_name: str, lengths: tuple[int, ...], num_samp
     return tuple(docs)
 
 
+def _cached_or_generated(name: str, tokenizer_name: str, lengths: tuple[int, ...], num_samples: int,
+                         seed: int) -> tuple[tuple[dict, ...], Path, bool]:
+    """(documents, their cache file, whether they were read from it): the disk cache, else lm-eval's generators."""
+    fields = cache_fields(name, tokenizer_name, lengths, num_samples, seed)
+    path = cache_path(fields)
+    docs = _read_cached(path, fields)
+    if docs is not None:
+        return docs, path, True
+    docs = _generate(name, tokenizer_name, lengths, num_samples, seed)
+    _write_cached(path, fields, docs)
+    return docs, path, False
+
+
 @functools.lru_cache(maxsize=64)
 def generate(name: str, tokenizer_name: str, lengths: tuple[int, ...], num_samples: int, seed: int) -> tuple[dict, ...]:
     """All documents of one task, interleaved across lengths.
@@ -470,13 +483,7 @@ def generate(name: str, tokenizer_name: str, lengths: tuple[int, ...], num_sampl
     hangs on one machine can be done ahead of time on another (`python -m harness.ruler build`).
     The documents read back equal the generated ones, field for field and in order.
     """
-    fields = cache_fields(name, tokenizer_name, lengths, num_samples, seed)
-    path = cache_path(fields)
-    docs = _read_cached(path, fields)
-    if docs is None:
-        docs = _generate(name, tokenizer_name, lengths, num_samples, seed)
-        _write_cached(path, fields, docs)
-    return docs
+    return _cached_or_generated(name, tokenizer_name, lengths, num_samples, seed)[0]
 
 
 def _options(name: str, kwargs: dict) -> tuple[str, tuple[int, ...], int, int]:
@@ -652,12 +659,9 @@ def build(tokenizer: str, lengths: str, samples: str | int, seed: str | int = DE
     with tokenizer_folder(tokenizer) as folder:
         identity = tokenizer_identity(folder)
         for name in names:
-            fields = cache_fields(name, folder, length_values, num_samples, seed)
-            path = cache_path(fields)
-            cached = _read_cached(path, fields) is not None
             start = time.perf_counter()
             try:
-                docs = generate(name, folder, length_values, num_samples, seed)
+                docs, path, cached = _cached_or_generated(name, folder, length_values, num_samples, seed)
             except HarnessError as err:
                 failed.append(str(err))
                 print(f"{name:16s} failed: {err}", flush=True)

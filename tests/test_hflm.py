@@ -69,7 +69,7 @@ def test_output_layer_runs_on_the_read_positions_only(tiny_llama, smollm_tokeniz
 
     monkeypatch.setattr(tiny_llama, "forward", spy)
     lm = BatchedHFLM(pretrained=tiny_llama, tokenizer=smollm_tokenizer, batch_size=4, max_length=48)
-    lm._keeps_logits_cache = True  # the spy's signature hides the parameter; the model's has it
+    lm._keeps_logits = True  # the spy's signature hides the parameter; the model's has it
     lm._loglikelihood_tokens(reqs, disable_tqdm=True)
     assert seen and all(k is not None and kept == len(k) for _, kept, k in seen)
     assert sum(kept for _, kept, _ in seen) < sum(n for n, _, _ in seen) / 2

@@ -391,8 +391,10 @@ def tokens_str(t) -> str:
     if t is None or (isinstance(t, float) and math.isnan(t)):
         return ""
     t = float(t)
-    return f"{t / 1e12:.3g}T" if t >= 1e12 else f"{t / 1e9:.3g}B" if t >= 1e9 else f"{t / 1e6:.3g}M" if t >= 1e6 else f"{t / 1e3:.3g}k" if t >= 1e3 \
-        else f"{t:.0f}"
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if t >= scale:
+            return f"{t / scale:.3g}{unit}"
+    return f"{t:.0f}"
 
 
 def kv_text(v) -> str:
