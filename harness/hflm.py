@@ -13,7 +13,7 @@ HFLM's runs over every position of the padded batch in float32, for Gemma-3's 26
 several GB a batch. And the model's output layer runs on those positions only (transformers'
 `logits_to_keep`, given the sorted positions the batch reads; the logits it gives are the full pass's
 rows): Gemma-3-270M's 262k x 640 output layer costs ~335 MFLOP a token, more than its transformer
-blocks (~200M weights, ~400 MFLOP), SmolLM2's 49k x 576 one about a fifth of its pass.
+blocks (~100M weights, ~200 MFLOP), SmolLM2's 49k x 576 one about a fifth of its pass.
 
 Everything that decides *what* is scored is lm-eval's own, unchanged: the request order and batching
 (its `Collator`, its batch-size schedule), the left truncation to the model's length, the one-token
