@@ -37,6 +37,10 @@ class PplSpec:
     batch_size: int = 8
 
 
+_LOGITS_BYTES = 2 * 2**30  # bf16 logits of one forward pass in perplexity(), at most (one window at least)
+_LOSS_POSITIONS = 256  # positions per float32 slice of the loss
+
+
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, bos: bool = False) -> dict:
     """Token-weighted perplexity of `model` on `windows` (n, seq_len).
@@ -52,12 +56,20 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, bos: bool = Fa
     device = next(model.parameters()).device
     skip = 1 if bos else 0
     nll, count, per_window = 0.0, 0, []
-    for b in windows.split(batch_size):
+    # The logits of a batch are (batch, seq_len, vocab): Gemma-3's 262k vocabulary makes 8 windows of 2048
+    # tokens 8.6 GB in bf16 and twice that in float32, which ran twelve processes sharing a GPU out of
+    # memory. So the forward pass takes as many windows as fit _LOGITS_BYTES (SmolLM2 keeps its 8) and the
+    # loss is taken over slices of positions in float32; each token's loss is the same either way.
+    vocab = model.get_output_embeddings().weight.shape[0]
+    step = max(1, min(batch_size, _LOGITS_BYTES // (2 * windows.shape[1] * vocab)))
+    for b in windows.split(step):
         b = b.to(device)
-        logits = model(input_ids=b, use_cache=False).logits[:, skip:-1].float()
+        logits = model(input_ids=b, use_cache=False).logits[:, skip:-1]
         tgt = b[:, 1 + skip:]
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
-        losses = losses.view(tgt.shape)  # (batch, predicted tokens per window)
+        losses = torch.cat([F.cross_entropy(logits[:, i:i + _LOSS_POSITIONS].float().reshape(-1, vocab),
+                                            tgt[:, i:i + _LOSS_POSITIONS].reshape(-1), reduction="none")
+                            .view(len(b), -1) for i in range(0, tgt.shape[1], _LOSS_POSITIONS)], dim=1)
+        del logits
         nll += losses.sum().item()
         count += tgt.numel()
         per_window += losses.double().mean(1).tolist()
@@ -78,6 +90,8 @@ def domain_perplexities(model, tokenizer, domains: list[str], spec: PplSpec = Pp
         r["seconds"] = time.perf_counter() - t0
         r["bos"] = bos
         out[d] = r
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the logits' memory back to the processes sharing the GPU
     return out
 
 

@@ -78,3 +78,25 @@ def test_conversion_record_says_whether_windows_had_bos(toks, tmp_path, monkeypa
         model = tiny_model("llama", vocab_size=258)
         rec = calibrate_and_convert(model, tok, "care", Budget(kv_save=0.5), CalibSpec("wiki", 2, 16), progress=False)
         assert rec["bos"] is expect and rec["calibration"]["bos"] is expect
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_perplexity_in_small_slices_scores_the_same_tokens(toks, monkeypatch, bos):
+    """Gemma-3's 262k-wide logits make a batch of long windows too big for a shared GPU, so perplexity()
+    runs fewer windows per forward pass and takes the loss over slices of positions: the numbers must
+    not move (per window too), and the slicing must really happen."""
+    import harness.evaluate as ev
+
+    model = tiny_model("llama", vocab_size=258)
+    w = data.token_windows(toks[0 if bos else 1], "wiki", "eval", n=5, seq_len=30, seed=0)
+    ref = perplexity(model, w, batch_size=8, bos=bos)
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(k["input_ids"].shape[0]) or forward(*a, **k))
+    monkeypatch.setattr(ev, "_LOGITS_BYTES", 2 * 2 * w.shape[1] * 258)  # two windows of bf16 logits
+    monkeypatch.setattr(ev, "_LOSS_POSITIONS", 7)
+    got = perplexity(model, w, batch_size=8, bos=bos)
+    assert calls == [2, 2, 1]
+    assert got["tokens"] == ref["tokens"] == 5 * (w.shape[1] - 1 - bos)
+    assert got["nll"] == pytest.approx(ref["nll"], abs=1e-6)
+    assert got["nll_windows"] == pytest.approx(ref["nll_windows"], abs=1e-6)
