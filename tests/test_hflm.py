@@ -75,6 +75,38 @@ def test_output_layer_runs_on_the_read_positions_only(tiny_llama, smollm_tokeniz
     assert sum(kept for _, kept, _ in seen) < sum(n for n, _, _ in seen) / 2
 
 
+def test_batch_size_probe_keeps_the_output_layer_on_the_read_positions(tiny_llama, smollm_tokenizer, monkeypatch):
+    """On a GPU the batch size is lm-eval's search ("auto"). HFLM's probe asks for full-window logits,
+    which for Gemma-3's 262k vocabulary picked 6-8 rows where the scoring pass fits 32; the probe here
+    passes `logits_to_keep` as the scoring does, and still shrinks on out-of-memory."""
+    from harness.hflm import BatchedHFLM
+
+    tiny_llama.eval()
+    reqs = _requests(tiny_llama, len(smollm_tokenizer), 48)
+    seen = []
+    forward = tiny_llama.forward
+
+    def spy(input_ids=None, **kw):  # runs out of memory above 8 rows, or above 2 rows with full logits
+        keep = kw.get("logits_to_keep")
+        seen.append((input_ids.shape[0], input_ids.shape[1], None if keep is None else len(keep)))
+        if input_ids.shape[0] > (8 if keep is not None else 2):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test)")
+        return forward(input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(tiny_llama, "forward", spy)
+    lm = BatchedHFLM(pretrained=tiny_llama, tokenizer=smollm_tokenizer, batch_size="auto", max_batch_size=32,
+                     max_length=48)
+    lm._keeps_logits = True
+    assert lm._detect_batch_size(reqs, pos=0) == 8
+    sizes = [b for b, _, _ in seen]  # shrinking from max_batch_size until one fits (5 passes there)
+    assert sizes[0] == 32 and sizes == sorted(sizes, reverse=True) and sizes[-5:] == [8] * 5
+    _, ctx, cont = reqs[0]
+    assert all(n == min(len(ctx) + len(cont) - 1, 48) and k == min(2 * len(cont), n) for _, n, k in seen)
+    lm._keeps_logits = False  # a model without logits_to_keep: lm-eval's own probe, full logits
+    seen.clear()
+    assert lm._detect_batch_size(reqs, pos=0) == 2 and all(k is None for _, _, k in seen)
+
+
 def test_run_lm_eval_scores_through_it_with_hflms_results(tiny_llama, smollm_tokenizer, monkeypatch):
     """run_lm_eval scores through BatchedHFLM, and every document's result equals HFLM's."""
     from lm_eval.models.huggingface import HFLM
