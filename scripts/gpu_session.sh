@@ -144,6 +144,8 @@ queue)  # every study job still to do, one line per job in priority order, $K at
   jobs1() {  # TAG SWEEP [--set ...]: one line per job of the sweep (--shard i/n, n = its job count)
     local tag=$1 f=$2 wait=""
     shift 2
+    # with ONLY, a sweep none of whose jobs is named is not loaded (each load imports torch: ~13 s there)
+    [ -n "${ONLY:-}" ] && case " $ONLY " in *" $tag."*) ;; *) return ;; esac
     local n
     n=$(python3 -c 'import sys; from harness.config import load_sweep
 print(len(load_sweep(sys.argv[1], [a for a in sys.argv[2:] if a != "--set"]).jobs))' "$f" "$@")
