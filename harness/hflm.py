@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM, find_executable_batch_size
 from lm_eval.models.utils import Collator
-from lm_eval.models.utils_hf import pad_and_concat
+from lm_eval.models.utils_hf import clear_torch_cache, pad_and_concat
 from tqdm import tqdm
 
 
@@ -54,7 +54,8 @@ class BatchedHFLM(HFLM):
         the continuation positions only, so the probe does the same: the request's full window through
         the blocks, logits for its last (up to twice) continuation length of positions, their
         log-softmax. On the H100 alone (a tiny Gemma-3 config, 262k vocabulary, one 2041-token request,
-        bf16): HFLM's probe 19 rows at a 63.9 GiB peak, this one 64 rows (the ceiling) at 0.7 GiB. Like HFLM's it shrinks on out-of-memory (accelerate's search), five passes per size.
+        bf16): HFLM's probe 19 rows at a 63.9 GiB peak, this one 64 rows (the ceiling) at 0.7 GiB. Like
+        HFLM's it shrinks on out-of-memory (accelerate's search), five passes per size.
         """
         if self.backend != "causal" or not self._keeps_logits or self.world_size > 1:
             return super()._detect_batch_size(requests, pos)
@@ -81,8 +82,7 @@ class BatchedHFLM(HFLM):
             if "No executable batch size found" not in str(e):
                 raise
             batch_size = 1
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        clear_torch_cache()  # as HFLM's probe ends
         return batch_size
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
