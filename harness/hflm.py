@@ -53,8 +53,7 @@ class BatchedHFLM(HFLM):
         scored at a fifth of the rate batch 32 gives. The scoring pass here keeps the output layer on
         the continuation positions only, so the probe does the same: the request's full window through
         the blocks, logits for its last (up to twice) continuation length of positions, their
-        log-softmax. On the H100 alone (a tiny Gemma-3 config, 262k vocabulary, one 2041-token request,
-        bf16): HFLM's probe 19 rows at a 63.9 GiB peak, this one 64 rows (the ceiling) at 0.7 GiB. Like
+        log-softmax: for a one-token continuation two positions' logits a row instead of 2048. Like
         HFLM's it shrinks on out-of-memory (accelerate's search), five passes per size.
         """
         if self.backend != "causal" or not self._keeps_logits or self.world_size > 1:
