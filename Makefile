@@ -21,9 +21,9 @@ setup: $(STAMP)
 
 # A download cut off mid-file (seen in CI: ray's 79 MB wheel stopped at 48.5 MB and six resumes got
 # nothing more) fails the whole set-up. pip resumes and retries within one run; PIP_INSTALL also starts
-# the install over up to three times, 20 s apart, before giving up with pip's own error.
+# the install over up to four times, 30 s apart, before giving up with pip's own error.
 PIP_INSTALL = n=0; until $(BIN)/pip install -q --retries 10 --resume-retries 20 $(1); do \
-	n=$$((n+1)); [ $$n -lt 3 ] || exit 1; echo "pip install failed; retry $$n of 2 in 20 s" >&2; sleep 20; done
+	n=$$((n+1)); [ $$n -lt 4 ] || exit 1; echo "pip install failed; retry $$n of 3 in 30 s" >&2; sleep 30; done
 
 # torch goes first and pinned: on CPU machines pip then never resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile
