@@ -85,7 +85,7 @@ def _convert_for_speed(model, method: str, kv_save: float, path: str) -> dict:
 def decode_once(cfg: dict, model=None) -> dict:
     """Prefill `context` tokens, then greedily decode `new_tokens`; time and memory."""
     from harness.mla import LatentCache
-    from harness.mla.cache import cache_bytes
+    from harness.mla.cache import CACHE_ARG, cache_bytes
 
     device = cfg["device"]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["dtype"]]
@@ -107,13 +107,13 @@ def decode_once(cfg: dict, model=None) -> dict:
     chunk = cfg.get("prefill_chunk", 4096)
     t0 = time.perf_counter()
     for s in range(0, T, chunk):  # chunked prefill keeps activations small at long context
-        out = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids[:, s:s + chunk], **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1:].argmax(-1)
     if device == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
     for _ in range(N):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1:].argmax(-1)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -347,7 +347,7 @@ def _static_decoder(model, B: int, T: int, N: int):
 @torch.no_grad()
 def decode_static(model, B: int, T: int, N: int, graphs: bool = True) -> dict:
     """N greedy steps after T cached tokens: StaticCache + (CUDA graph of the step); time and memory."""
-    from harness.mla.cache import cache_bytes
+    from harness.mla.cache import CACHE_ARG, cache_bytes
 
     device = next(model.parameters()).device.type
     dec, cache = _static_decoder(model, B, T, N)
@@ -372,7 +372,7 @@ def decode_dynamic(model, B: int, T: int, N: int) -> dict:
     picks its flash kernel with native GQA), the cache grown by concatenation every step."""
     from transformers import DynamicCache
 
-    from harness.mla.cache import cache_bytes
+    from harness.mla.cache import CACHE_ARG, cache_bytes
 
     device = next(model.parameters()).device.type
     cache = DynamicCache(config=model.config)
@@ -382,7 +382,7 @@ def decode_dynamic(model, B: int, T: int, N: int) -> dict:
         if i == 2:
             _sync(device)
             t0 = time.perf_counter()
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1:].argmax(-1)
     _sync(device)
     secs = time.perf_counter() - t0

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.mla.accounting import kv_summary
+from harness.mla.cache import CACHE_ARG
 from harness.mla.convert import layer_widths
 from harness.arch import attention_layers
 
@@ -130,7 +131,7 @@ def chunked_perplexity(model, windows: torch.Tensor, cache_factory: Callable[[],
         cache = factory()
         for start in range(0, T - 1, chunk):
             end = min(start + chunk, T - 1)  # logits at start..end-1 predict tokens start+1..end
-            logits = model(input_ids=b[:, start:end], past_key_values=cache, use_cache=True).logits.float()
+            logits = model(input_ids=b[:, start:end], **{CACHE_ARG: cache}, use_cache=True).logits.float()
             first = 1 if bos and start == 0 else 0
             tgt = b[:, start + 1 + first:end + 1]
             nll += F.cross_entropy(logits[:, first:].reshape(-1, logits.shape[-1]), tgt.reshape(-1),

@@ -267,7 +267,7 @@ def tokenizer_dir(tokenizer) -> Path:
 
 @contextlib.contextmanager
 def generate_with_cache(model, cache_factory: Callable[[], Any] | None):
-    """While active, `model.generate` gets `past_key_values=cache_factory()` (a fresh cache per call).
+    """While active, `model.generate` gets `cache_factory()` as its cache (a fresh cache per call).
 
     lm-eval's HFLM calls `model.generate(...)` without a cache argument; this is how its
     generation tasks (RULER) run with a quantized KV cache (harness.kvquant).
@@ -275,10 +275,13 @@ def generate_with_cache(model, cache_factory: Callable[[], Any] | None):
     if cache_factory is None:
         yield
         return
+    from harness.mla.cache import CACHE_ARG
+
     original = model.generate
 
     def generate(*args, **kwargs):
-        kwargs.setdefault("past_key_values", cache_factory())
+        if "cache" not in kwargs and "past_key_values" not in kwargs:
+            kwargs[CACHE_ARG] = cache_factory()
         return original(*args, **kwargs)
 
     model.generate = generate

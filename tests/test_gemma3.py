@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from harness.mla.cache import CACHE_ARG
 from harness.errors import HarnessError
 from harness.methods import convert
 from harness.mla import Budget, LatentCache, accounted_width, set_path
@@ -79,5 +80,5 @@ def test_converted_gemma_generates_holding_the_accounted_bytes(gemma):
     ids = tok("Paris is the capital of", return_tensors="pt").input_ids
     cache = LatentCache(config=m.config)
     out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
-                     do_sample=False, past_key_values=cache, pad_token_id=tok.pad_token_id)
+                     do_sample=False, **{CACHE_ARG: cache}, pad_token_id=tok.pad_token_id)
     assert cache.bytes_held() == accounted_width(m) * (out.shape[1] - 1) * 4

@@ -15,6 +15,7 @@ import importlib.util
 import pytest
 import torch
 
+from harness.mla.cache import CACHE_ARG
 from harness.calibrate import collect_stats
 from harness.evaluate import kv_accounting, perplexity
 from harness.methods import convert
@@ -220,6 +221,6 @@ def test_latent_cache_on_cuda_holds_the_accounted_bytes(arch, method):
     ids = windows(1, 6, seed=4).cuda()
     cache = LatentCache(config=model.config)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
-                         do_sample=False, past_key_values=cache, pad_token_id=0)
+                         do_sample=False, **{CACHE_ARG: cache}, pad_token_id=0)
     tokens = out.shape[1] - 1  # the last token is never fed back
     assert cache.bytes_held() == accounted_width(model) * tokens * 2 == kv_accounting(model)["bytes_per_token"] * tokens

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.mla.cache import CACHE_ARG
 from harness.errors import HarnessError
 from harness.kernels.latent_decode import latent_decode_reference
 
@@ -247,6 +248,7 @@ INTERPRETED = textwrap.dedent('''
     import torch
     from harness.kernels import DecodeConfig
     from harness.kernels.latent_decode import latent_blocks, latent_decode_reference, latent_decode_triton
+    from harness.mla.cache import CACHE_ARG
     from tests.test_kernels import _inputs
     t0 = time.time()
     cases = [  # B, H, n_kv, DL, DV, DR, S, shared, dtype, splits
@@ -293,7 +295,7 @@ INTERPRETED = textwrap.dedent('''
         d.self_attn.decode_kernel = "triton"
     x = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(0))
     cache = LatentCache(config=m.config)
-    dec = torch.cat([m(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(4)], 1)
+    dec = torch.cat([m(x[:, t:t + 1], **{CACHE_ARG: cache}, use_cache=True).logits for t in range(4)], 1)
     set_path(m, "reconstruct")
     err = (dec - m(x).logits).abs().max().item()
     assert err <= 1e-4, err

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from harness.mla.cache import CACHE_ARG
 from harness.errors import HarnessError
 from harness.kvquant import (KVQuantSpec, accounted_bytes, bytes_per_token, cached_tensors, full_bytes_per_token,
                              generate_split, group_layout, held_bytes, make_cache, quantized_bytes_per_token)
@@ -34,14 +35,14 @@ def test_generate_holds_the_accounted_bytes(models, which, bits):
     x = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
     cache = make_cache(model, spec)
     out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=11, min_new_tokens=11,
-                         do_sample=False, past_key_values=cache, pad_token_id=0)
+                         do_sample=False, **{CACHE_ARG: cache}, pad_token_id=0)
     quantized, window = generate_split(x.shape[1], out.shape[1] - x.shape[1], spec)
     assert (quantized, window) == (7 + 8, 2)  # 10 fed-back tokens: two windows of 4 flushed, 2 waiting
     assert cache.bytes_held() == accounted_bytes(model, spec, quantized, window, batch=2)
     # the unquantized cache of the same generation holds the accounted width x 4 bytes (fp32)
     plain = LatentCache(config=model.config)
     model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=11, min_new_tokens=11, do_sample=False,
-                   past_key_values=plain, pad_token_id=0)
+                   **{CACHE_ARG: plain}, pad_token_id=0)
     assert cache_bytes(plain) == full_bytes_per_token(model) * (quantized + window) * 2
     # int8: 36 codes + 3 x 8 scale/zero bytes per 32 channels (47 %), int4: 18 + 24 (33 %), + the window
     assert cache.bytes_held() < cache_bytes(plain) * (0.55 if bits == 8 else 0.45)
@@ -70,8 +71,8 @@ def test_group_layout(width, group, bits, layout):
 
 @torch.no_grad()
 def _decode_logits(model, x, cache, prefill=8):
-    out = [model(x[:, :prefill], past_key_values=cache, use_cache=True).logits]
-    out += [model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefill, x.shape[1])]
+    out = [model(x[:, :prefill], **{CACHE_ARG: cache}, use_cache=True).logits]
+    out += [model(x[:, t:t + 1], **{CACHE_ARG: cache}, use_cache=True).logits for t in range(prefill, x.shape[1])]
     return torch.cat(out, 1)
 
 
@@ -95,7 +96,7 @@ def test_prefill_sees_full_precision_and_generation_matches_for_int8(models):
     model = models["original"]
     x = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
     cache = make_cache(model, KVQuantSpec(bits=8, group=32, residual=4))
-    assert torch.equal(model(x, past_key_values=cache, use_cache=True).logits, model(x).logits)
+    assert torch.equal(model(x, **{CACHE_ARG: cache}, use_cache=True).logits, model(x).logits)
     assert cache.get_seq_length() == 9
 
 
@@ -109,7 +110,7 @@ def test_sliding_window_models_and_bad_specs_are_refused():
 def test_held_bytes_of_a_plain_cache_is_its_tensors(models):
     model = models["original"]
     cache = LatentCache(config=model.config)
-    model(torch.randint(0, 128, (1, 5)), past_key_values=cache, use_cache=True)
+    model(torch.randint(0, 128, (1, 5)), **{CACHE_ARG: cache}, use_cache=True)
     assert held_bytes(cache) == cache_bytes(cache) == full_bytes_per_token(model) * 5
 
 

@@ -1,5 +1,6 @@
 """The MLA module on tiny random models of every architecture: parity, decoding, cache bytes."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 from harness.errors import HarnessError
 from harness.methods import convert
 from harness.mla import Budget, LatentCache, accounted_width, cache_bytes, set_path
+from harness.mla.cache import CACHE_ARG
 from tiny import ARCHS, tiny_model, tiny_stats
 
 FULL = 64  # parity rank per K and V: n_kv * d_h = 2 * 32
@@ -26,8 +28,25 @@ def arch_model(request):
 
 def _decode(model, x, cache=None):
     cache = cache if cache is not None else LatentCache(config=model.config)
-    outs = [model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(x.shape[1])]
+    outs = [model(x[:, t:t + 1], **{CACHE_ARG: cache}, use_cache=True).logits for t in range(x.shape[1])]
     return torch.cat(outs, 1), cache
+
+
+def test_the_cache_reaches_the_mla_layers_under_the_installed_transformers_name():
+    """transformers 5.24 renamed `past_key_values` to `cache` down to the attention call; an MLA layer
+    that read only the old name decoded without its cache. CACHE_ARG is the name the installed release
+    takes without a deprecation warning, and the latent cache fills through it."""
+    m = tiny_model("llama")
+    convert(m, "care", Budget(kv_save=0.5), tiny_stats(m))
+    x = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
+    cache = LatentCache(config=m.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        m(x, **{CACHE_ARG: cache}, use_cache=True)
+        out = m.generate(x, **{CACHE_ARG: LatentCache(config=m.config)}, max_new_tokens=3, do_sample=False,
+                         pad_token_id=0, return_dict_in_generate=True)
+    assert cache.get_seq_length() == 7 and cache_bytes(cache) == 7 * accounted_width(m) * 4
+    assert out.sequences.shape[1] == 10
 
 
 @pytest.mark.parametrize("method,opts", METHODS, ids=[f"{m}-{'-'.join(map(str, o.values()))}" for m, o in METHODS])
@@ -96,7 +115,7 @@ def test_generate_with_latent_cache_holds_accounted_bytes():
     x = torch.randint(0, 128, (1, 5))
     cache = LatentCache(config=m.config)
     out = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=9, min_new_tokens=9,
-                     do_sample=False, past_key_values=cache)
+                     do_sample=False, **{CACHE_ARG: cache})
     T = out.shape[1] - 1
     assert cache.bytes_held() == accounted_width(m) * T * 4
     assert accounted_width(m) == 64  # 25% of 2 layers x 2*n_kv*d_h = 256

@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from harness.mla.cache import CACHE_ARG
 from harness.calibrate import CalibSpec, get_stats
 from harness.evaluate import PplSpec, domain_perplexities
 from harness.methods import convert
@@ -68,7 +69,7 @@ def test_mha2mla_generate_holds_accounted_bytes_and_paths_agree(smollm):
     ids = tok("Paris is the capital of", return_tensors="pt").input_ids
     cache = LatentCache(config=m.config)
     out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
-                     do_sample=False, past_key_values=cache, pad_token_id=tok.pad_token_id)
+                     do_sample=False, **{CACHE_ARG: cache}, pad_token_id=tok.pad_token_id)
     assert cache.bytes_held() == accounted_width(m) * (out.shape[1] - 1) * 4
     x = out[:, :-1]
     rec = m(x).logits
@@ -98,5 +99,5 @@ def test_care_mla_one_shot_far_below_mha2mla(smollm):
     rec_logits = m(x).logits
     set_path(m, "absorbed")
     cache = LatentCache(config=m.config)
-    dec = torch.cat([m(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(x.shape[1])], 1)
+    dec = torch.cat([m(x[:, t:t + 1], **{CACHE_ARG: cache}, use_cache=True).logits for t in range(x.shape[1])], 1)
     assert (dec - rec_logits).abs().max() <= 1e-3  # fp32, two summation orders (see the mha2mla test)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
+from harness.mla.cache import CACHE_ARG
 from harness.errors import HarnessError
 from harness.methods import convert
 from harness.mla import Budget, set_path
@@ -18,10 +19,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def _greedy(model, ids, n):
     """Reference: plain greedy decoding with a DynamicCache."""
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, **{CACHE_ARG: cache}, use_cache=True)
     toks = [out.logits[:, -1:].argmax(-1)]
     for _ in range(n - 1):
-        out = model(input_ids=toks[-1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=toks[-1], **{CACHE_ARG: cache}, use_cache=True)
         toks.append(out.logits[:, -1:].argmax(-1))
     return torch.cat(toks, 1)
 
@@ -114,5 +115,5 @@ def test_absorbed_kernel_path_matches_reconstruct_on_gpu():
         ref = m(x).logits
         set_path(m, "absorbed")
         cache = DynamicCache(config=m.config)
-        dec = torch.cat([m(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(11)], 1)
+        dec = torch.cat([m(x[:, t:t + 1], **{CACHE_ARG: cache}, use_cache=True).logits for t in range(11)], 1)
     assert (dec - ref).abs().max() <= 1e-4

@@ -157,7 +157,10 @@ class MLAAttention(nn.Module):
     decode_kernel: str = "auto"
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
+                past_key_values=None, cache=None, **kwargs):
+        # transformers 5.24 renamed the decoder layer's `past_key_values` argument to `cache`;
+        # earlier releases (the GPU image's 5.17) pass the old name. Either holds the same object.
+        past_key_values = cache if cache is not None else past_key_values
         B, T, _ = hidden_states.shape
         cos, sin = position_embeddings
         c = self.down(hidden_states)  # (B, T, r)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from harness.mla.attention import MLAAttention
-from harness.mla.cache import LatentCache, cache_bytes
+from harness.mla.cache import CACHE_ARG, LatentCache, cache_bytes
 from harness.arch import decoder_layers
 
 
@@ -14,7 +14,7 @@ def measured_cache_bytes(model, tokenizer, tokens: int = 64, prompt: str = "The 
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     cache = LatentCache(config=model.config)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                         do_sample=False, past_key_values=cache, pad_token_id=tokenizer.pad_token_id)
+                         do_sample=False, **{CACHE_ARG: cache}, pad_token_id=tokenizer.pad_token_id)
     # the last generated token is returned but never fed back, so it is not cached
     return cache_bytes(cache), out.shape[1] - 1
 

@@ -22,6 +22,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.kernels import decode_tuning
+from harness.mla.cache import CACHE_ARG
 
 
 def _has_sliding_layers(config) -> bool:
@@ -69,7 +70,7 @@ class StaticDecoder:
         B, T = input_ids.shape
         pos = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         **{CACHE_ARG: self.cache}, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         nxt_pos = None if attention_mask is None else attention_mask.long().sum(-1, keepdim=True)
         self.start(nxt, T, None if attention_mask is None else attention_mask.bool(), nxt_pos)
@@ -100,7 +101,7 @@ class StaticDecoder:
     def _step(self) -> None:
         self.mask.index_fill_(3, self.slot, self._on)
         logits = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
-                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+                            **{CACHE_ARG: self.cache}, use_cache=True, logits_to_keep=1).logits
         self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
         self.pos.add_(1)
         self.slot.add_(1)
