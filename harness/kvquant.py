@@ -3,7 +3,7 @@
     from harness.kvquant import KVQuantSpec, make_cache, held_bytes, bytes_per_token
     spec = KVQuantSpec(bits=4, group=64)      # harness.specs.KVQuantSpec, re-exported here
     cache = make_cache(model, spec)
-    model.generate(ids, cache=cache, max_new_tokens=32)   # past_key_values= before transformers 5.24
+    model.generate(ids, **{CACHE_ARG: cache}, max_new_tokens=32)   # harness.mla.cache.CACHE_ARG
     held_bytes(cache)                 # what the cache really holds: codes + scales/zeros + residual window
     bytes_per_token(model, spec)      # the accounting (DESIGN §12), per token, all layers
 

@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from harness.mla.cache import CACHE_ARG
 from harness.errors import HarnessError
 from harness.methods import convert
 from harness.mla import Budget, LatentCache, accounted_width, set_path
+from harness.mla.cache import CACHE_ARG
 
 pytestmark = pytest.mark.real
 

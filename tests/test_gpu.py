@@ -15,11 +15,11 @@ import importlib.util
 import pytest
 import torch
 
-from harness.mla.cache import CACHE_ARG
 from harness.calibrate import collect_stats
 from harness.evaluate import kv_accounting, perplexity
 from harness.methods import convert
 from harness.mla import Budget, LatentCache, accounted_width
+from harness.mla.cache import CACHE_ARG
 from tiny import tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

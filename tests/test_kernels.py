@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.mla.cache import CACHE_ARG
 from harness.errors import HarnessError
 from harness.kernels.latent_decode import latent_decode_reference
+from harness.mla.cache import CACHE_ARG
 
 ROOT = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,12 +9,12 @@ import copy
 import pytest
 import torch
 
-from harness.mla.cache import CACHE_ARG
 from harness.errors import HarnessError
 from harness.kvquant import (KVQuantSpec, accounted_bytes, bytes_per_token, cached_tensors, full_bytes_per_token,
                              generate_split, group_layout, held_bytes, make_cache, quantized_bytes_per_token)
 from harness.methods import convert
 from harness.mla import Budget, LatentCache, cache_bytes
+from harness.mla.cache import CACHE_ARG
 from tiny import tiny_model, tiny_stats
 
 

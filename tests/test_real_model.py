@@ -4,11 +4,11 @@ import copy
 import pytest
 import torch
 
-from harness.mla.cache import CACHE_ARG
 from harness.calibrate import CalibSpec, get_stats
 from harness.evaluate import PplSpec, domain_perplexities
 from harness.methods import convert
 from harness.mla import Budget, LatentCache, accounted_width, set_path
+from harness.mla.cache import CACHE_ARG
 
 pytestmark = pytest.mark.real
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
-from harness.mla.cache import CACHE_ARG
 from harness.errors import HarnessError
 from harness.methods import convert
 from harness.mla import Budget, set_path
+from harness.mla.cache import CACHE_ARG
 from harness.mla.static import StaticDecoder
 from tiny import tiny_model, tiny_stats
 

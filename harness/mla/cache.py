@@ -11,11 +11,12 @@ let the model create a plain DynamicCache: both hold the same tensors. A transfo
 from __future__ import annotations
 
 import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 
 # The keyword a model's forward and generate take the cache under. transformers 5.24 renamed
 # `past_key_values` to `cache` (the old name warns, and goes in 5.40 / 6.0); the GPU image has 5.17.
-CACHE_ARG = "cache" if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (5, 24) else "past_key_values"
+CACHE_ARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
 class LatentCache(DynamicCache):
